@@ -1,0 +1,67 @@
+# Vigil: every set-up step lives here or in infra/scripts, idempotent and quiet
+# when already done. `make run` and `make test` are the two commands a new
+# machine needs.
+SHELL := /bin/bash
+GO ?= go
+TOOLS := $(CURDIR)/.tools/bin
+export PATH := $(TOOLS):$(PATH)
+PROTOC_GEN_GO_VERSION := v1.36.12
+STATICCHECK_VERSION := v0.8.2
+# Packages whose tests exercise concurrency; run under -race in `make test`.
+RACE_PKGS := ./internal/... ./ingest/... ./stream/... ./sinks/... ./features/... ./detectors/...
+
+.PHONY: all deps tools generate build run test test-unit test-race bench lint vet fmt clean
+
+all: build
+
+## deps: Debian packages Vigil runs against (clickhouse-server, clickhouse-client, kcat).
+deps:
+	@infra/scripts/install-deps.sh runtime
+
+$(TOOLS)/protoc-gen-go:
+	@GOBIN=$(TOOLS) $(GO) install google.golang.org/protobuf/cmd/protoc-gen-go@$(PROTOC_GEN_GO_VERSION)
+
+$(TOOLS)/staticcheck:
+	@GOBIN=$(TOOLS) $(GO) install honnef.co/go/tools/cmd/staticcheck@$(STATICCHECK_VERSION)
+
+tools: $(TOOLS)/protoc-gen-go $(TOOLS)/staticcheck
+
+## generate: regenerate protobuf Go code from proto/ (installs protoc and protoc-gen-go).
+generate: $(TOOLS)/protoc-gen-go
+	@infra/scripts/install-deps.sh generate
+	cd proto && protoc -I . --go_out=. --go_opt=paths=source_relative vigil/v1/*.proto
+
+## build: the vigil binary in bin/.
+build:
+	$(GO) build -o bin/vigil ./cmd/vigil
+
+## run: install what is missing, then run the whole platform with the simulator.
+run: deps build
+	./bin/vigil run --simulate
+
+## test: the whole suite, unit and integration, against real ClickHouse and a kfake broker over TCP.
+test: deps vet test-unit test-race
+
+test-unit:
+	$(GO) test -count=1 -timeout 15m ./...
+
+test-race:
+	$(GO) test -count=1 -race -timeout 15m -short $(RACE_PKGS)
+
+## bench: benchmarks, whole-process where the issue asks for it.
+bench: deps
+	$(GO) test -run '^$$' -bench . -benchmem -timeout 30m ./...
+
+vet:
+	$(GO) vet ./...
+
+## lint: gofmt, go vet and staticcheck.
+lint: $(TOOLS)/staticcheck vet
+	@test -z "$$(gofmt -l $$(git ls-files '*.go'))" || (gofmt -l $$(git ls-files '*.go'); exit 1)
+	staticcheck ./...
+
+fmt:
+	gofmt -w $$(git ls-files '*.go')
+
+clean:
+	rm -rf bin .tools
