@@ -155,6 +155,15 @@ type Stream struct {
 	Ruleset string `yaml:"ruleset"`
 	// Staleness is how old an input may be and still feed a score.
 	Staleness time.Duration `yaml:"staleness"`
+	// InstanceID names this processor instance stably across restarts (a
+	// host or pod name); the Kafka transactional id is "<group>-<instance
+	// id>", so a restarted instance fences its crashed predecessor's open
+	// transaction at once. Two live instances must not share it. Empty
+	// means the host name.
+	InstanceID string `yaml:"instance_id"`
+	// MaxPollRecords bounds the input records taken into one poll (and
+	// so the work between two checks of the commit deadline).
+	MaxPollRecords int `yaml:"max_poll_records"`
 }
 
 // Sink configures the ClickHouse sink.
@@ -168,6 +177,12 @@ type Sink struct {
 	// RetryInitial and RetryMax bound the exponential backoff of retries.
 	RetryInitial time.Duration `yaml:"retry_initial"`
 	RetryMax     time.Duration `yaml:"retry_max"`
+	// InsertTimeout bounds one insert attempt into ClickHouse; an attempt
+	// that takes longer is abandoned and retried.
+	InsertTimeout time.Duration `yaml:"insert_timeout"`
+	// DrainTimeout bounds flushing buffered rows on shutdown; rows not
+	// stored by then are not committed and are read again on restart.
+	DrainTimeout time.Duration `yaml:"drain_timeout"`
 }
 
 // Simulator configures `vigil simulate` and `vigil run --simulate`.
@@ -245,6 +260,7 @@ func Default() Config {
 			OutOfOrderness: 5 * time.Second,
 			CommitInterval: 50 * time.Millisecond,
 			Staleness:      time.Hour,
+			MaxPollRecords: 10000,
 		},
 		Sink: Sink{
 			Group:         "vigil-sink",
@@ -252,6 +268,8 @@ func Default() Config {
 			BatchInterval: time.Second,
 			RetryInitial:  200 * time.Millisecond,
 			RetryMax:      10 * time.Second,
+			InsertTimeout: 30 * time.Second,
+			DrainTimeout:  30 * time.Second,
 		},
 		Simulator: Simulator{
 			Target:        "http://127.0.0.1:8080",
@@ -508,6 +526,12 @@ func (c *Config) Validate() error {
 	if c.Stream.Staleness <= 0 {
 		bad("stream.staleness", "must be positive")
 	}
+	if strings.ContainsAny(c.Stream.InstanceID, " \t\n/") {
+		bad("stream.instance_id", "%q must not contain spaces or '/'", c.Stream.InstanceID)
+	}
+	if c.Stream.MaxPollRecords < 1 {
+		bad("stream.max_poll_records", "must be at least 1, got %d", c.Stream.MaxPollRecords)
+	}
 	if c.Sink.Group == "" || c.Sink.Group == c.Stream.Group {
 		bad("sink.group", "must be set and differ from stream.group")
 	}
@@ -519,6 +543,12 @@ func (c *Config) Validate() error {
 	}
 	if c.Sink.RetryInitial <= 0 || c.Sink.RetryMax < c.Sink.RetryInitial {
 		bad("sink.retry_initial", "must be positive and not above sink.retry_max")
+	}
+	if c.Sink.InsertTimeout < time.Second {
+		bad("sink.insert_timeout", "must be at least 1s, got %s", c.Sink.InsertTimeout)
+	}
+	if c.Sink.DrainTimeout <= 0 {
+		bad("sink.drain_timeout", "must be positive")
 	}
 	if c.Simulator.Beds < 0 || c.Simulator.Wearables < 0 || c.Simulator.Deteriorating < 0 {
 		bad("simulator", "beds, wearables and deteriorating must not be negative")

@@ -77,3 +77,18 @@ func TestEmptyFileMeansDefaults(t *testing.T) {
 		t.Errorf("empty file changed defaults")
 	}
 }
+
+func TestStreamValidationNamesFields(t *testing.T) {
+	_, err := Load("", nil, []string{"stream.max_poll_records=0", "stream.instance_id=a b"})
+	if err == nil {
+		t.Fatal("invalid stream settings accepted")
+	}
+	for _, field := range []string{"stream.max_poll_records", "stream.instance_id"} {
+		if !strings.Contains(err.Error(), field) {
+			t.Errorf("error %q does not name %s", err, field)
+		}
+	}
+	if c := Default(); c.Stream.MaxPollRecords < 1 || c.Stream.InstanceID != "" {
+		t.Errorf("stream defaults: %+v", c.Stream)
+	}
+}

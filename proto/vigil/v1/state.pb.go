@@ -42,7 +42,10 @@ type OpenWindow struct {
 	SumXx float64 `protobuf:"fixed64,14,opt,name=sum_xx,json=sumXx,proto3" json:"sum_xx,omitempty"`
 	SumXy float64 `protobuf:"fixed64,15,opt,name=sum_xy,json=sumXy,proto3" json:"sum_xy,omitempty"`
 	// Raw values kept for exact percentiles, bounded by the engine.
-	Values        []float64 `protobuf:"fixed64,16,rep,packed,name=values,proto3" json:"values,omitempty"`
+	Values []float64 `protobuf:"fixed64,16,rep,packed,name=values,proto3" json:"values,omitempty"`
+	// Welford running mean (kept exactly, rather than re-derived from sum and
+	// count, so that a restored window continues bit-for-bit).
+	Mean          float64 `protobuf:"fixed64,17,opt,name=mean,proto3" json:"mean,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -189,6 +192,94 @@ func (x *OpenWindow) GetValues() []float64 {
 	return nil
 }
 
+func (x *OpenWindow) GetMean() float64 {
+	if x != nil {
+		return x.Mean
+	}
+	return 0
+}
+
+// OpenAlert is an alert raised and not yet resolved.
+type OpenAlert struct {
+	state   protoimpl.MessageState `protogen:"open.v1"`
+	AlertId string                 `protobuf:"bytes,1,opt,name=alert_id,json=alertId,proto3" json:"alert_id,omitempty"`
+	// Rule that raised it, e.g. "news2_aggregate_ge_5".
+	Rule string `protobuf:"bytes,2,opt,name=rule,proto3" json:"rule,omitempty"`
+	// Severity it was raised with: "low", "medium", "high".
+	Severity string `protobuf:"bytes,3,opt,name=severity,proto3" json:"severity,omitempty"`
+	// Event time of the raising score, Unix epoch ms.
+	RaisedEventTimeMs int64 `protobuf:"varint,4,opt,name=raised_event_time_ms,json=raisedEventTimeMs,proto3" json:"raised_event_time_ms,omitempty"`
+	// Escalation tier, 0 for the first.
+	Tier          uint32 `protobuf:"varint,5,opt,name=tier,proto3" json:"tier,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *OpenAlert) Reset() {
+	*x = OpenAlert{}
+	mi := &file_vigil_v1_state_proto_msgTypes[1]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *OpenAlert) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*OpenAlert) ProtoMessage() {}
+
+func (x *OpenAlert) ProtoReflect() protoreflect.Message {
+	mi := &file_vigil_v1_state_proto_msgTypes[1]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use OpenAlert.ProtoReflect.Descriptor instead.
+func (*OpenAlert) Descriptor() ([]byte, []int) {
+	return file_vigil_v1_state_proto_rawDescGZIP(), []int{1}
+}
+
+func (x *OpenAlert) GetAlertId() string {
+	if x != nil {
+		return x.AlertId
+	}
+	return ""
+}
+
+func (x *OpenAlert) GetRule() string {
+	if x != nil {
+		return x.Rule
+	}
+	return ""
+}
+
+func (x *OpenAlert) GetSeverity() string {
+	if x != nil {
+		return x.Severity
+	}
+	return ""
+}
+
+func (x *OpenAlert) GetRaisedEventTimeMs() int64 {
+	if x != nil {
+		return x.RaisedEventTimeMs
+	}
+	return 0
+}
+
+func (x *OpenAlert) GetTier() uint32 {
+	if x != nil {
+		return x.Tier
+	}
+	return 0
+}
+
 // LatestValue is the newest value of one metric of one patient.
 type LatestValue struct {
 	state         protoimpl.MessageState `protogen:"open.v1"`
@@ -203,7 +294,7 @@ type LatestValue struct {
 
 func (x *LatestValue) Reset() {
 	*x = LatestValue{}
-	mi := &file_vigil_v1_state_proto_msgTypes[1]
+	mi := &file_vigil_v1_state_proto_msgTypes[2]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -215,7 +306,7 @@ func (x *LatestValue) String() string {
 func (*LatestValue) ProtoMessage() {}
 
 func (x *LatestValue) ProtoReflect() protoreflect.Message {
-	mi := &file_vigil_v1_state_proto_msgTypes[1]
+	mi := &file_vigil_v1_state_proto_msgTypes[2]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -228,7 +319,7 @@ func (x *LatestValue) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use LatestValue.ProtoReflect.Descriptor instead.
 func (*LatestValue) Descriptor() ([]byte, []int) {
-	return file_vigil_v1_state_proto_rawDescGZIP(), []int{1}
+	return file_vigil_v1_state_proto_rawDescGZIP(), []int{2}
 }
 
 func (x *LatestValue) GetMetric() string {
@@ -285,14 +376,27 @@ type PatientState struct {
 	// Last emitted score per kind (to emit only on change).
 	LastScores map[string]*Score `protobuf:"bytes,8,rep,name=last_scores,json=lastScores,proto3" json:"last_scores,omitempty" protobuf_key:"bytes,1,opt,name=key" protobuf_val:"bytes,2,opt,name=value"`
 	// Processing time of last input, Unix epoch ms (for idle timeouts).
-	LastSeenMs    int64 `protobuf:"varint,9,opt,name=last_seen_ms,json=lastSeenMs,proto3" json:"last_seen_ms,omitempty"`
-	unknownFields protoimpl.UnknownFields
-	sizeCache     protoimpl.SizeCache
+	LastSeenMs int64 `protobuf:"varint,9,opt,name=last_seen_ms,json=lastSeenMs,proto3" json:"last_seen_ms,omitempty"`
+	// Newest value per metric among the samples of closed windows: the inputs
+	// of the score emitted at each window end.
+	ClosedLatest []*LatestValue `protobuf:"bytes,10,rep,name=closed_latest,json=closedLatest,proto3" json:"closed_latest,omitempty"`
+	// Open alerts with their details (open_alerts is the rule -> alert id
+	// index of the same set).
+	Alerts []*OpenAlert `protobuf:"bytes,11,rep,name=alerts,proto3" json:"alerts,omitempty"`
+	// Event time of the newest score the alert rules evaluated, Unix epoch ms:
+	// an older score does not change alert state.
+	AlertEvalTimeMs int64 `protobuf:"varint,12,opt,name=alert_eval_time_ms,json=alertEvalTimeMs,proto3" json:"alert_eval_time_ms,omitempty"`
+	// Window-aligned event times (above the watermark) at which a change score
+	// was already emitted: the window-end score for such a time is not emitted
+	// again (it would share its deterministic id).
+	BoundaryScoreTimesMs []int64 `protobuf:"varint,13,rep,packed,name=boundary_score_times_ms,json=boundaryScoreTimesMs,proto3" json:"boundary_score_times_ms,omitempty"`
+	unknownFields        protoimpl.UnknownFields
+	sizeCache            protoimpl.SizeCache
 }
 
 func (x *PatientState) Reset() {
 	*x = PatientState{}
-	mi := &file_vigil_v1_state_proto_msgTypes[2]
+	mi := &file_vigil_v1_state_proto_msgTypes[3]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -304,7 +408,7 @@ func (x *PatientState) String() string {
 func (*PatientState) ProtoMessage() {}
 
 func (x *PatientState) ProtoReflect() protoreflect.Message {
-	mi := &file_vigil_v1_state_proto_msgTypes[2]
+	mi := &file_vigil_v1_state_proto_msgTypes[3]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -317,7 +421,7 @@ func (x *PatientState) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use PatientState.ProtoReflect.Descriptor instead.
 func (*PatientState) Descriptor() ([]byte, []int) {
-	return file_vigil_v1_state_proto_rawDescGZIP(), []int{2}
+	return file_vigil_v1_state_proto_rawDescGZIP(), []int{3}
 }
 
 func (x *PatientState) GetSchemaVersion() uint32 {
@@ -383,11 +487,39 @@ func (x *PatientState) GetLastSeenMs() int64 {
 	return 0
 }
 
+func (x *PatientState) GetClosedLatest() []*LatestValue {
+	if x != nil {
+		return x.ClosedLatest
+	}
+	return nil
+}
+
+func (x *PatientState) GetAlerts() []*OpenAlert {
+	if x != nil {
+		return x.Alerts
+	}
+	return nil
+}
+
+func (x *PatientState) GetAlertEvalTimeMs() int64 {
+	if x != nil {
+		return x.AlertEvalTimeMs
+	}
+	return 0
+}
+
+func (x *PatientState) GetBoundaryScoreTimesMs() []int64 {
+	if x != nil {
+		return x.BoundaryScoreTimesMs
+	}
+	return nil
+}
+
 var File_vigil_v1_state_proto protoreflect.FileDescriptor
 
 const file_vigil_v1_state_proto_rawDesc = "" +
 	"\n" +
-	"\x14vigil/v1/state.proto\x12\bvigil.v1\x1a\x15vigil/v1/scores.proto\"\xfb\x02\n" +
+	"\x14vigil/v1/state.proto\x12\bvigil.v1\x1a\x15vigil/v1/scores.proto\"\x8f\x03\n" +
 	"\n" +
 	"OpenWindow\x12\x16\n" +
 	"\x06metric\x18\x01 \x01(\tR\x06metric\x12\x12\n" +
@@ -407,13 +539,20 @@ const file_vigil_v1_state_proto_rawDesc = "" +
 	"\x05sum_x\x18\r \x01(\x01R\x04sumX\x12\x15\n" +
 	"\x06sum_xx\x18\x0e \x01(\x01R\x05sumXx\x12\x15\n" +
 	"\x06sum_xy\x18\x0f \x01(\x01R\x05sumXy\x12\x16\n" +
-	"\x06values\x18\x10 \x03(\x01R\x06values\"\x99\x01\n" +
+	"\x06values\x18\x10 \x03(\x01R\x06values\x12\x12\n" +
+	"\x04mean\x18\x11 \x01(\x01R\x04mean\"\x9b\x01\n" +
+	"\tOpenAlert\x12\x19\n" +
+	"\balert_id\x18\x01 \x01(\tR\aalertId\x12\x12\n" +
+	"\x04rule\x18\x02 \x01(\tR\x04rule\x12\x1a\n" +
+	"\bseverity\x18\x03 \x01(\tR\bseverity\x12/\n" +
+	"\x14raised_event_time_ms\x18\x04 \x01(\x03R\x11raisedEventTimeMs\x12\x12\n" +
+	"\x04tier\x18\x05 \x01(\rR\x04tier\"\x99\x01\n" +
 	"\vLatestValue\x12\x16\n" +
 	"\x06metric\x18\x01 \x01(\tR\x06metric\x12\x14\n" +
 	"\x05value\x18\x02 \x01(\x01R\x05value\x12\x12\n" +
 	"\x04unit\x18\x03 \x01(\tR\x04unit\x12\"\n" +
 	"\revent_time_ms\x18\x04 \x01(\x03R\veventTimeMs\x12$\n" +
-	"\x0eingest_time_ms\x18\x05 \x01(\x03R\fingestTimeMs\"\xb4\x04\n" +
+	"\x0eingest_time_ms\x18\x05 \x01(\x03R\fingestTimeMs\"\x81\x06\n" +
 	"\fPatientState\x12%\n" +
 	"\x0eschema_version\x18\x01 \x01(\rR\rschemaVersion\x12\x16\n" +
 	"\x06tenant\x18\x02 \x01(\tR\x06tenant\x12\x18\n" +
@@ -426,7 +565,12 @@ const file_vigil_v1_state_proto_rawDesc = "" +
 	"\vlast_scores\x18\b \x03(\v2&.vigil.v1.PatientState.LastScoresEntryR\n" +
 	"lastScores\x12 \n" +
 	"\flast_seen_ms\x18\t \x01(\x03R\n" +
-	"lastSeenMs\x1a=\n" +
+	"lastSeenMs\x12:\n" +
+	"\rclosed_latest\x18\n" +
+	" \x03(\v2\x15.vigil.v1.LatestValueR\fclosedLatest\x12+\n" +
+	"\x06alerts\x18\v \x03(\v2\x13.vigil.v1.OpenAlertR\x06alerts\x12+\n" +
+	"\x12alert_eval_time_ms\x18\f \x01(\x03R\x0falertEvalTimeMs\x125\n" +
+	"\x17boundary_score_times_ms\x18\r \x03(\x03R\x14boundaryScoreTimesMs\x1a=\n" +
 	"\x0fOpenAlertsEntry\x12\x10\n" +
 	"\x03key\x18\x01 \x01(\tR\x03key\x12\x14\n" +
 	"\x05value\x18\x02 \x01(\tR\x05value:\x028\x01\x1aN\n" +
@@ -446,26 +590,29 @@ func file_vigil_v1_state_proto_rawDescGZIP() []byte {
 	return file_vigil_v1_state_proto_rawDescData
 }
 
-var file_vigil_v1_state_proto_msgTypes = make([]protoimpl.MessageInfo, 5)
+var file_vigil_v1_state_proto_msgTypes = make([]protoimpl.MessageInfo, 6)
 var file_vigil_v1_state_proto_goTypes = []any{
 	(*OpenWindow)(nil),   // 0: vigil.v1.OpenWindow
-	(*LatestValue)(nil),  // 1: vigil.v1.LatestValue
-	(*PatientState)(nil), // 2: vigil.v1.PatientState
-	nil,                  // 3: vigil.v1.PatientState.OpenAlertsEntry
-	nil,                  // 4: vigil.v1.PatientState.LastScoresEntry
-	(*Score)(nil),        // 5: vigil.v1.Score
+	(*OpenAlert)(nil),    // 1: vigil.v1.OpenAlert
+	(*LatestValue)(nil),  // 2: vigil.v1.LatestValue
+	(*PatientState)(nil), // 3: vigil.v1.PatientState
+	nil,                  // 4: vigil.v1.PatientState.OpenAlertsEntry
+	nil,                  // 5: vigil.v1.PatientState.LastScoresEntry
+	(*Score)(nil),        // 6: vigil.v1.Score
 }
 var file_vigil_v1_state_proto_depIdxs = []int32{
 	0, // 0: vigil.v1.PatientState.windows:type_name -> vigil.v1.OpenWindow
-	1, // 1: vigil.v1.PatientState.latest:type_name -> vigil.v1.LatestValue
-	3, // 2: vigil.v1.PatientState.open_alerts:type_name -> vigil.v1.PatientState.OpenAlertsEntry
-	4, // 3: vigil.v1.PatientState.last_scores:type_name -> vigil.v1.PatientState.LastScoresEntry
-	5, // 4: vigil.v1.PatientState.LastScoresEntry.value:type_name -> vigil.v1.Score
-	5, // [5:5] is the sub-list for method output_type
-	5, // [5:5] is the sub-list for method input_type
-	5, // [5:5] is the sub-list for extension type_name
-	5, // [5:5] is the sub-list for extension extendee
-	0, // [0:5] is the sub-list for field type_name
+	2, // 1: vigil.v1.PatientState.latest:type_name -> vigil.v1.LatestValue
+	4, // 2: vigil.v1.PatientState.open_alerts:type_name -> vigil.v1.PatientState.OpenAlertsEntry
+	5, // 3: vigil.v1.PatientState.last_scores:type_name -> vigil.v1.PatientState.LastScoresEntry
+	2, // 4: vigil.v1.PatientState.closed_latest:type_name -> vigil.v1.LatestValue
+	1, // 5: vigil.v1.PatientState.alerts:type_name -> vigil.v1.OpenAlert
+	6, // 6: vigil.v1.PatientState.LastScoresEntry.value:type_name -> vigil.v1.Score
+	7, // [7:7] is the sub-list for method output_type
+	7, // [7:7] is the sub-list for method input_type
+	7, // [7:7] is the sub-list for extension type_name
+	7, // [7:7] is the sub-list for extension extendee
+	0, // [0:7] is the sub-list for field type_name
 }
 
 func init() { file_vigil_v1_state_proto_init() }
@@ -480,7 +627,7 @@ func file_vigil_v1_state_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_vigil_v1_state_proto_rawDesc), len(file_vigil_v1_state_proto_rawDesc)),
 			NumEnums:      0,
-			NumMessages:   5,
+			NumMessages:   6,
 			NumExtensions: 0,
 			NumServices:   0,
 		},

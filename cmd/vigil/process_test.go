@@ -1,0 +1,322 @@
+package main
+
+import (
+	"bytes"
+	"context"
+	"fmt"
+	"net"
+	"net/http"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"sync"
+	"syscall"
+	"testing"
+	"time"
+
+	"github.com/vigilhealth/vigil/internal/config"
+	chsink "github.com/vigilhealth/vigil/sinks/clickhouse"
+)
+
+// These tests run the real binary as a separate process, as a site would.
+
+var (
+	buildOnce sync.Once
+	binPath   string
+	buildErr  error
+)
+
+func vigilBinary(t *testing.T) string {
+	t.Helper()
+	buildOnce.Do(func() {
+		dir, err := os.MkdirTemp("", "vigil-bin-")
+		if err != nil {
+			buildErr = err
+			return
+		}
+		binPath = filepath.Join(dir, "vigil")
+		out, err := exec.Command("go", "build", "-o", binPath, ".").CombinedOutput()
+		if err != nil {
+			buildErr = fmt.Errorf("go build: %v\n%s", err, out)
+		}
+	})
+	if buildErr != nil {
+		t.Fatal(buildErr)
+	}
+	return binPath
+}
+
+func freePort(t *testing.T) int {
+	t.Helper()
+	l, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer l.Close()
+	return l.Addr().(*net.TCPAddr).Port
+}
+
+// proc is a running vigil process with its combined output captured.
+type proc struct {
+	cmd  *exec.Cmd
+	out  *syncBuffer
+	done chan error
+}
+
+type syncBuffer struct {
+	mu sync.Mutex
+	b  bytes.Buffer
+}
+
+func (s *syncBuffer) Write(p []byte) (int, error) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.b.Write(p)
+}
+
+func (s *syncBuffer) String() string {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.b.String()
+}
+
+func startVigil(t *testing.T, args ...string) *proc {
+	t.Helper()
+	cmd := exec.Command(vigilBinary(t), args...)
+	out := &syncBuffer{}
+	cmd.Stdout, cmd.Stderr = out, out
+	cmd.Env = append(os.Environ(), "VIGIL_LOG_LEVEL=info")
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	p := &proc{cmd: cmd, out: out, done: make(chan error, 1)}
+	go func() { p.done <- cmd.Wait() }()
+	t.Cleanup(func() {
+		if cmd.ProcessState == nil {
+			_ = cmd.Process.Kill()
+			<-p.done
+		}
+		if t.Failed() {
+			t.Logf("vigil %s output:\n%s", args[0], out.String())
+		}
+	})
+	return p
+}
+
+// stop sends SIGTERM and waits for a clean exit within limit.
+func (p *proc) stop(t *testing.T, limit time.Duration) time.Duration {
+	t.Helper()
+	start := time.Now()
+	_ = p.cmd.Process.Signal(syscall.SIGTERM)
+	select {
+	case err := <-p.done:
+		if err != nil {
+			t.Fatalf("vigil exited with %v after SIGTERM", err)
+		}
+	case <-time.After(limit):
+		t.Fatalf("vigil did not stop within %s of SIGTERM", limit)
+	}
+	return time.Since(start)
+}
+
+func waitHTTP(t *testing.T, url string, p *proc, limit time.Duration) {
+	t.Helper()
+	deadline := time.Now().Add(limit)
+	for time.Now().Before(deadline) {
+		select {
+		case err := <-p.done:
+			t.Fatalf("vigil exited early: %v", err)
+		default:
+		}
+		if resp, err := http.Get(url); err == nil {
+			resp.Body.Close()
+			if resp.StatusCode == 200 {
+				return
+			}
+		}
+		time.Sleep(100 * time.Millisecond)
+	}
+	t.Fatalf("%s not ready within %s", url, limit)
+}
+
+// TestRunSimulateStopRestart runs `vigil run --simulate` as `make run` does:
+// within 60 s ClickHouse must hold samples, features, NEWS2 scores and an
+// alert; then SIGTERM in the middle of the simulation and a restart must lose
+// no accepted sample and duplicate none.
+func TestRunSimulateStopRestart(t *testing.T) {
+	if testing.Short() {
+		t.Skip("runs the whole platform twice (~1.5 min)")
+	}
+	dataDir := t.TempDir()
+	kafkaPort, chTCP, chHTTP, httpPort := freePort(t), freePort(t), freePort(t), freePort(t)
+	args := []string{"run", "--simulate", "--data-dir", dataDir,
+		"--http", fmt.Sprintf("127.0.0.1:%d", httpPort),
+		"--set", fmt.Sprintf("kafka.embedded.listen=127.0.0.1:%d", kafkaPort),
+		"--set", fmt.Sprintf("clickhouse.local.tcp_port=%d", chTCP),
+		"--set", fmt.Sprintf("clickhouse.local.http_port=%d", chHTTP),
+		"--set", "status.interval=2s"}
+	base := fmt.Sprintf("http://127.0.0.1:%d", httpPort)
+	started := time.Now()
+	p := startVigil(t, args...)
+	waitHTTP(t, base+"/readyz", p, 90*time.Second)
+
+	chCfg := config.Default().ClickHouse
+	chCfg.Addr = fmt.Sprintf("127.0.0.1:%d", chTCP)
+	conn, err := chsink.Open(context.Background(), chCfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer conn.Close()
+
+	// A probe client posts alongside the simulator and remembers exactly
+	// which samples Vigil acknowledged.
+	probe := newProbe(base)
+	probeCtx, stopProbe := context.WithCancel(context.Background())
+	probeDone := make(chan struct{})
+	go func() { probe.run(probeCtx); close(probeDone) }()
+
+	// Everything within 60 s of `vigil run` starting.
+	deadline := started.Add(60 * time.Second)
+	queries := map[string]string{
+		"samples":      "SELECT count() FROM samples",
+		"features":     "SELECT count() FROM features",
+		"news2 scores": "SELECT count() FROM scores WHERE kind = 'news2'",
+		"alerts":       "SELECT count() FROM alerts WHERE type = 'raised'",
+	}
+	for name, q := range queries {
+		for {
+			var n uint64
+			if err := conn.QueryRow(context.Background(), q).Scan(&n); err != nil {
+				t.Fatalf("%s: %v", q, err)
+			}
+			if n > 0 {
+				t.Logf("%s in clickhouse after %s", name, time.Since(started).Round(time.Second))
+				break
+			}
+			if time.Now().After(deadline) {
+				t.Fatalf("no %s in clickhouse within 60 s of start", name)
+			}
+			time.Sleep(500 * time.Millisecond)
+		}
+	}
+
+	took := p.stop(t, 20*time.Second)
+	t.Logf("stopped in %s after SIGTERM", took.Round(time.Millisecond))
+	if !strings.Contains(p.out.String(), "status:") {
+		t.Errorf("no status line in the output of vigil run")
+	}
+	time.Sleep(500 * time.Millisecond)
+
+	p2 := startVigil(t, args...)
+	waitHTTP(t, base+"/readyz", p2, 90*time.Second)
+	time.Sleep(3 * time.Second)
+	stopProbe()
+	<-probeDone
+	accepted := probe.acceptedSeqs()
+	if len(accepted) < 50 {
+		t.Fatalf("probe got only %d samples accepted", len(accepted))
+	}
+	// Wait for the sink to catch up with every accepted probe sample.
+	waitCount(t, conn, "SELECT count() FROM samples WHERE patient = 'restart-probe'", uint64(len(accepted)), 60*time.Second)
+	rows, err := conn.Query(context.Background(), "SELECT sequence, count() FROM samples WHERE patient = 'restart-probe' GROUP BY sequence")
+	if err != nil {
+		t.Fatal(err)
+	}
+	inCH := map[uint64]uint64{}
+	for rows.Next() {
+		var seq, n uint64
+		if err := rows.Scan(&seq, &n); err != nil {
+			t.Fatal(err)
+		}
+		inCH[seq] = n
+	}
+	rows.Close()
+	for _, s := range accepted {
+		switch inCH[s] {
+		case 1:
+		case 0:
+			t.Errorf("accepted probe sample seq %d lost", s)
+		default:
+			t.Errorf("accepted probe sample seq %d stored %d times", s, inCH[s])
+		}
+	}
+	// No duplicate anywhere in the table, counted without FINAL.
+	var total, distinct uint64
+	if err := conn.QueryRow(context.Background(), `SELECT count(), uniqExact(tenant, patient, device, metric, event_time_ms, channel, sequence) FROM samples`).Scan(&total, &distinct); err != nil {
+		t.Fatal(err)
+	}
+	if total != distinct {
+		t.Errorf("samples table holds %d rows for %d distinct samples", total, distinct)
+	}
+	t.Logf("probe: %d samples accepted across the restart, all present once; table: %d rows", len(accepted), total)
+	p2.stop(t, 20*time.Second)
+}
+
+// probe posts one heart-rate sample every 10 ms and records which were
+// acknowledged with 200.
+type probe struct {
+	base string
+	mu   sync.Mutex
+	ok   []uint64
+}
+
+func newProbe(base string) *probe { return &probe{base: base} }
+
+func (p *probe) run(ctx context.Context) {
+	client := &http.Client{Timeout: 5 * time.Second}
+	t0 := time.Now().Add(-time.Minute).UnixMilli()
+	for seq := uint64(1); ctx.Err() == nil; seq++ {
+		body := fmt.Sprintf(`{"tenant":"demo","patient":"restart-probe","device":"probe-1","samples":[{"metric":"heart_rate","value":%d,"unit":"/min","time_ms":%d,"seq":%d}]}`,
+			60+seq%40, t0+int64(seq)*10, seq)
+		resp, err := client.Post(p.base+"/v1/samples", "application/json", strings.NewReader(body))
+		if err == nil {
+			if resp.StatusCode == http.StatusOK {
+				p.mu.Lock()
+				p.ok = append(p.ok, seq)
+				p.mu.Unlock()
+			}
+			resp.Body.Close()
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+}
+
+func (p *probe) acceptedSeqs() []uint64 {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	return append([]uint64(nil), p.ok...)
+}
+
+// TestBrokerListsTopicsToKcat runs `vigil broker` alone and lists its topics
+// with Debian's kcat, as an operator would.
+func TestBrokerListsTopicsToKcat(t *testing.T) {
+	kcat, err := exec.LookPath("kcat")
+	if err != nil {
+		t.Fatal("kcat not installed: run `make deps`")
+	}
+	port := freePort(t)
+	addr := "127.0.0.1:" + strconv.Itoa(port)
+	p := startVigil(t, "broker", "--data-dir", t.TempDir(), "--set", "kafka.embedded.listen="+addr)
+	deadline := time.Now().Add(30 * time.Second)
+	for !strings.Contains(p.out.String(), "topics ready") {
+		if time.Now().After(deadline) {
+			t.Fatal("vigil broker did not become ready")
+		}
+		time.Sleep(100 * time.Millisecond)
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
+	defer cancel()
+	out, err := exec.CommandContext(ctx, kcat, "-b", addr, "-L").CombinedOutput()
+	if err != nil {
+		t.Fatalf("kcat -L: %v\n%s", err, out)
+	}
+	for _, topic := range []string{"vigil.samples.v1", "vigil.deadletter.v1", "vigil.features.v1", "vigil.scores.v1",
+		"vigil.alerts.v1", "vigil.imaging.v1", "vigil.audit.v1"} {
+		if !strings.Contains(string(out), `topic "`+topic+`"`) {
+			t.Errorf("kcat -L does not list %s:\n%s", topic, out)
+		}
+	}
+	p.stop(t, 10*time.Second)
+}

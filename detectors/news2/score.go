@@ -1,0 +1,280 @@
+package news2
+
+import (
+	"cmp"
+	"crypto/sha256"
+	"encoding/binary"
+	"encoding/hex"
+	"slices"
+	"strings"
+	"time"
+
+	vigilv1 "github.com/vigilhealth/vigil/proto/vigil/v1"
+)
+
+// Observation is the newest value of one metric of a patient.
+type Observation struct {
+	Value float64
+	Unit  string
+	// TimeMs is the event time, Unix ms.
+	TimeMs int64
+}
+
+// Request is what a score is computed from.
+type Request struct {
+	Tenant, Patient string
+	// AtMs is the event time the score describes, Unix ms.
+	AtMs int64
+	// Staleness: an input older than this before AtMs is stale (listed,
+	// not scored).
+	Staleness time.Duration
+	// Latest returns a metric's newest observation (at or before AtMs),
+	// false when there is none. It is called a few times per parameter
+	// during Score and never retained.
+	Latest func(metric string) (Observation, bool)
+	// Scales chooses a scale per parameter name; parameters not named use
+	// their first scale.
+	Scales map[string]string
+}
+
+// input is one parameter's resolved input.
+type input struct {
+	present, stale bool
+	value          float64 // raw input value
+	banded         float64 // value banded: rounded, or the derived 0/1
+	metric, unit   string
+	timeMs         int64
+}
+
+// Score computes the score described by req. Missing and stale inputs score
+// 0 and are listed in Score.missing / Score.stale. The returned Score has a
+// deterministic id; EmittedTimeMs is left for the caller. It returns nil
+// when every parameter is missing (nothing to score).
+func (r *Ruleset) Score(req Request) *vigilv1.Score {
+	ins := make([]input, len(r.Parameters))
+	anyPresent := false
+	for i := range r.Parameters {
+		ins[i] = r.resolve(&r.Parameters[i], req)
+		anyPresent = anyPresent || ins[i].present
+	}
+	if !anyPresent {
+		return nil
+	}
+	s := &vigilv1.Score{
+		SchemaVersion:  1,
+		Tenant:         req.Tenant,
+		Patient:        req.Patient,
+		Kind:           Kind,
+		Ruleset:        r.Name,
+		RulesetVersion: r.Version,
+		RulesetHash:    r.Hash,
+		EventTimeMs:    req.AtMs,
+		Components:     make([]*vigilv1.ScoreComponent, 0, len(r.Parameters)),
+	}
+	var total, maxPoints float64
+	for i := range r.Parameters {
+		p := &r.Parameters[i]
+		in := ins[i]
+		c := &vigilv1.ScoreComponent{
+			Parameter:   p.Name,
+			Metric:      in.metric,
+			InputValue:  in.value,
+			InputUnit:   in.unit,
+			InputTimeMs: in.timeMs,
+		}
+		switch {
+		case !in.present:
+			c.Missing = true
+			s.Missing = append(s.Missing, p.Name)
+		case in.stale:
+			c.Stale = true
+			s.Stale = append(s.Stale, p.Name)
+		default:
+			b, ok := r.band(p, req.Scales[p.Name], in.banded, ins)
+			if !ok {
+				// Only possible for conditional bands whose condition's
+				// input is missing or stale: the parameter cannot be
+				// scored, which is reported as missing.
+				c.Missing = true
+				c.Band = "unscorable: condition input missing"
+				s.Missing = append(s.Missing, p.Name)
+				break
+			}
+			c.Points = b.Points
+			c.Band = BandText(b, p.Decimals)
+			total += b.Points
+			maxPoints = max(maxPoints, b.Points)
+		}
+		s.Components = append(s.Components, c)
+	}
+	s.Value = total
+	s.SingleParameterRed = maxPoints >= r.RedScore
+	s.Band = r.response(total, maxPoints)
+	s.TopContributors = topContributors(s.Components)
+	s.Id = ScoreID(req.Tenant, req.Patient, Kind, req.AtMs, r.Hash)
+	return s
+}
+
+// resolve finds a parameter's input.
+func (r *Ruleset) resolve(p *Parameter, req Request) input {
+	stale := func(o Observation) bool {
+		return req.AtMs-o.TimeMs > req.Staleness.Milliseconds()
+	}
+	if p.Metric != "" {
+		o, ok := req.Latest(p.Metric)
+		if !ok {
+			return input{metric: p.Metric, unit: p.Unit}
+		}
+		unit := o.Unit
+		if unit == "" {
+			unit = p.Unit
+		}
+		return input{present: true, stale: stale(o), value: o.Value, banded: RoundHalfAway(o.Value, p.Decimals),
+			metric: p.Metric, unit: unit, timeMs: o.TimeMs}
+	}
+	// Derived 0/1: the deciding input is the newest current one above its
+	// threshold; else the newest current one; else the newest stale one.
+	var above, current, old input
+	for _, t := range p.AnyAbove {
+		o, ok := req.Latest(t.Metric)
+		if !ok {
+			continue
+		}
+		unit := o.Unit
+		if unit == "" {
+			unit = t.Unit
+		}
+		in := input{present: true, value: o.Value, metric: t.Metric, unit: unit, timeMs: o.TimeMs}
+		switch {
+		case stale(o):
+			in.stale = true
+			if !old.present || in.timeMs > old.timeMs {
+				old = in
+			}
+		case o.Value > t.Above:
+			in.banded = 1
+			if !above.present || in.timeMs > above.timeMs {
+				above = in
+			}
+		default:
+			if !current.present || in.timeMs > current.timeMs {
+				current = in
+			}
+		}
+	}
+	switch {
+	case above.present:
+		return above
+	case current.present:
+		return current
+	case old.present:
+		return old
+	}
+	names := make([]string, len(p.AnyAbove))
+	for i, t := range p.AnyAbove {
+		names[i] = t.Metric
+	}
+	return input{metric: strings.Join(names, ","), unit: p.Unit}
+}
+
+// band finds the band of value v in the chosen scale, given every
+// parameter's input for conditions.
+func (r *Ruleset) band(p *Parameter, scale string, v float64, ins []input) (Band, bool) {
+	sc := &p.Scales[0]
+	for i := range p.Scales {
+		if p.Scales[i].Name == scale {
+			sc = &p.Scales[i]
+		}
+	}
+	for _, b := range sc.Bands {
+		if (b.Min != nil && v < *b.Min) || (b.Max != nil && v > *b.Max) {
+			continue
+		}
+		if b.When != nil {
+			ci := r.byName[b.When.Parameter]
+			if !ins[ci].present || ins[ci].stale || ins[ci].banded != b.When.Value {
+				continue
+			}
+		}
+		return b, true
+	}
+	return Band{}, false
+}
+
+// response names the clinical-response band.
+func (r *Ruleset) response(total, maxPoints float64) string {
+	for _, c := range r.ClinicalResponse {
+		if c.AggregateMin != nil && total < *c.AggregateMin {
+			continue
+		}
+		if c.SingleParameterMin != nil && maxPoints < *c.SingleParameterMin {
+			continue
+		}
+		return c.Band
+	}
+	return r.ClinicalResponse[len(r.ClinicalResponse)-1].Band // unreachable: validated
+}
+
+// topContributors lists the parameters that scored, most points first
+// (ties in chart order).
+func topContributors(cs []*vigilv1.ScoreComponent) []string {
+	scored := make([]*vigilv1.ScoreComponent, 0, len(cs))
+	for _, c := range cs {
+		if c.Points > 0 {
+			scored = append(scored, c)
+		}
+	}
+	slices.SortStableFunc(scored, func(a, b *vigilv1.ScoreComponent) int { return cmp.Compare(b.Points, a.Points) })
+	out := make([]string, len(scored))
+	for i, c := range scored {
+		out[i] = c.Parameter
+	}
+	return out
+}
+
+// Changed reports whether next differs from prev in what a reader of the
+// score series cares about: value, band, or any component's points,
+// missing or stale flag. A nil prev always differs. Input values that stay
+// in their band are not a change.
+func Changed(prev, next *vigilv1.Score) bool {
+	if prev == nil || next == nil {
+		return prev != next
+	}
+	if prev.GetValue() != next.GetValue() || prev.GetBand() != next.GetBand() ||
+		prev.GetRulesetHash() != next.GetRulesetHash() || len(prev.GetComponents()) != len(next.GetComponents()) {
+		return true
+	}
+	for i, a := range prev.GetComponents() {
+		b := next.GetComponents()[i]
+		if a.GetParameter() != b.GetParameter() || a.GetPoints() != b.GetPoints() ||
+			a.GetMissing() != b.GetMissing() || a.GetStale() != b.GetStale() {
+			return true
+		}
+	}
+	return false
+}
+
+// ScoreID is the deterministic id of a score: a hash of tenant, patient,
+// kind, event time and ruleset hash (32 hex digits).
+func ScoreID(tenant, patient, kind string, eventTimeMs int64, rulesetHash string) string {
+	return HashID("score", tenant, patient, kind, strconvInt(eventTimeMs), rulesetHash)
+}
+
+// HashID hashes length-prefixed parts with sha256 and returns the first 16
+// bytes in hex: a deterministic id that no concatenation ambiguity can
+// collide.
+func HashID(parts ...string) string {
+	h := sha256.New()
+	var n [binary.MaxVarintLen64]byte
+	for _, p := range parts {
+		h.Write(n[:binary.PutUvarint(n[:], uint64(len(p)))])
+		h.Write([]byte(p))
+	}
+	var sum [sha256.Size]byte
+	return hex.EncodeToString(h.Sum(sum[:0])[:16])
+}
+
+func strconvInt(v int64) string {
+	var b [20]byte
+	return string(binary.BigEndian.AppendUint64(b[:0], uint64(v)))
+}

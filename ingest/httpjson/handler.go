@@ -1,0 +1,458 @@
+package httpjson
+
+import (
+	"bytes"
+	"context"
+	"crypto/rand"
+	"encoding/hex"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"log/slog"
+	"mime"
+	"net/http"
+	"os"
+	"strconv"
+	"strings"
+	"sync"
+	"time"
+
+	"github.com/prometheus/client_golang/prometheus"
+
+	"github.com/vigilhealth/vigil/ingest/publish"
+	"github.com/vigilhealth/vigil/ingest/validate"
+	"github.com/vigilhealth/vigil/internal/catalog"
+	"github.com/vigilhealth/vigil/internal/clock"
+	"github.com/vigilhealth/vigil/internal/config"
+	"github.com/vigilhealth/vigil/internal/stage"
+	vigilv1 "github.com/vigilhealth/vigil/proto/vigil/v1"
+)
+
+// Path is where the handler is meant to be mounted (POST).
+const Path = "/v1/samples"
+
+// MaxMessageIDLen bounds message_id, in bytes.
+const MaxMessageIDLen = 128
+
+// MaxProblemErrors bounds the errors listed in one problem body; the
+// rejected count is always complete.
+const MaxProblemErrors = 1000
+
+// Publisher is what the handler needs from publish.Publisher: both calls
+// block until Kafka acknowledged every record and classify their errors with
+// publish.IsRetriable.
+type Publisher interface {
+	Publish(ctx context.Context, batches []*vigilv1.SampleBatch) error
+	DeadLetter(ctx context.Context, letters []*vigilv1.DeadLetter) error
+}
+
+// Handler serves POST /v1/samples (see the package documentation for the
+// schema and the answers). It is safe for concurrent use; each request is
+// answered only after Kafka acknowledged what it accepted and refused.
+type Handler struct {
+	pub        Publisher
+	val        *validate.Validator
+	log        *slog.Logger
+	clock      clock.Clock
+	maxBody    int64
+	maxSamples int
+	// names interns the catalogue's strings (ids, LOINC codes, units) so
+	// that a sample's metric and unit need no allocation.
+	names map[string]string
+	pool  sync.Pool // *decoder
+
+	requests *prometheus.CounterVec
+	received prometheus.Counter
+	duration prometheus.Histogram
+}
+
+// New creates the handler for cfg (http.max_body_bytes,
+// ingest.max_batch_samples, the validation limits and catalogue of
+// cfg.Ingest) publishing through pub, and registers its metrics on
+// deps.Metrics.
+func New(cfg config.Config, deps stage.Deps, pub Publisher) (*Handler, error) {
+	deps = deps.WithDefaults()
+	if pub == nil {
+		return nil, errors.New("creating http ingest: no publisher")
+	}
+	cat, err := LoadCatalog(cfg.Ingest.Catalog)
+	if err != nil {
+		return nil, err
+	}
+	h := &Handler{
+		pub:        pub,
+		val:        validate.New(cat, validate.LimitsFrom(cfg.Ingest)),
+		log:        deps.Log,
+		clock:      deps.Clock,
+		maxBody:    cfg.HTTP.MaxBodyBytes,
+		maxSamples: cfg.Ingest.MaxBatchSamples,
+		names:      map[string]string{},
+	}
+	h.pool.New = func() any { return new(decoder) }
+	for _, id := range cat.IDs() {
+		m, _ := cat.Lookup(id)
+		h.names[m.ID] = m.ID
+		h.names[m.LOINC] = m.LOINC
+		h.names[m.Unit] = m.Unit
+		for _, u := range m.Units {
+			h.names[u.UCUM] = u.UCUM
+		}
+	}
+	h.requests = prometheus.NewCounterVec(prometheus.CounterOpts{
+		Name: "vigil_ingest_http_requests_total",
+		Help: "POST /v1/samples requests answered, by HTTP status code.",
+	}, []string{"code"})
+	h.received = prometheus.NewCounter(prometheus.CounterOpts{
+		Name: "vigil_ingest_http_samples_received_total",
+		Help: "Samples decoded from POST /v1/samples bodies (accepted or refused).",
+	})
+	h.duration = prometheus.NewHistogram(prometheus.HistogramOpts{
+		Name:    "vigil_ingest_http_request_seconds",
+		Help:    "Time to answer POST /v1/samples, including the Kafka acknowledgement.",
+		Buckets: prometheus.ExponentialBuckets(0.0005, 2.5, 12),
+	})
+	for _, c := range []prometheus.Collector{h.requests, h.received, h.duration} {
+		if err := deps.Metrics.Register(c); err != nil {
+			return nil, fmt.Errorf("registering http ingest metrics: %w", err)
+		}
+	}
+	return h, nil
+}
+
+// LoadCatalog returns the metric catalogue of ingest.catalog: the embedded
+// one when path is empty, else the file at path.
+func LoadCatalog(path string) (*catalog.Catalog, error) {
+	if path == "" {
+		return catalog.Default(), nil
+	}
+	doc, err := os.ReadFile(path)
+	if err != nil {
+		return nil, fmt.Errorf("reading metric catalogue: %w", err)
+	}
+	cat, err := catalog.Parse(doc)
+	if err != nil {
+		return nil, fmt.Errorf("metric catalogue %s: %w", path, err)
+	}
+	return cat, nil
+}
+
+// ServeHTTP answers one request; see the package documentation.
+func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request) {
+	start := time.Now()
+	code := h.serve(w, r)
+	h.requests.WithLabelValues(strconv.Itoa(code)).Inc()
+	h.duration.Observe(time.Since(start).Seconds())
+}
+
+func (h *Handler) serve(w http.ResponseWriter, r *http.Request) int {
+	if r.Method != http.MethodPost {
+		w.Header().Set("Allow", http.MethodPost)
+		return writeProblem(w, &Problem{Type: problemType("method-not-allowed"), Title: "Method not allowed",
+			Status: http.StatusMethodNotAllowed, Detail: fmt.Sprintf("%s %s: use POST", r.Method, r.URL.Path)})
+	}
+	if mt, _, err := mime.ParseMediaType(r.Header.Get("Content-Type")); err != nil || mt != "application/json" {
+		return writeProblem(w, &Problem{Type: problemType("unsupported-media-type"), Title: "Unsupported media type",
+			Status: http.StatusUnsupportedMediaType,
+			Detail: fmt.Sprintf("Content-Type %q: send application/json", r.Header.Get("Content-Type"))})
+	}
+	if ce := r.Header.Get("Content-Encoding"); ce != "" && !strings.EqualFold(ce, "identity") {
+		return writeProblem(w, &Problem{Type: problemType("unsupported-media-type"), Title: "Unsupported content encoding",
+			Status: http.StatusUnsupportedMediaType, Detail: fmt.Sprintf("Content-Encoding %q is not supported: send the body uncompressed", ce)})
+	}
+	now := h.clock.Now().UnixMilli()
+	data, tooLarge := h.readBody(w, r)
+	if tooLarge != nil {
+		return h.refuseBody(w, r, tooLarge, data, "", now)
+	}
+	d := h.pool.Get().(*decoder)
+	defer h.pool.Put(d)
+	b, berr := d.decode(data, h.maxSamples)
+	if berr != nil {
+		return h.refuseBody(w, r, berr, data, "", now)
+	}
+	h.received.Add(float64(len(b.samples)))
+	msgID := string(b.messageID.b)
+	if rf := validate.CheckID("message_id", msgID, MaxMessageIDLen); rf != nil {
+		return h.refuseBody(w, r, &bodyError{status: http.StatusBadRequest, reason: rf.Reason, field: rf.Field, message: rf.Message, offset: -1}, data, "", now)
+	}
+	if msgID == "" {
+		msgID = newMessageID()
+	}
+	batches, letters, problems := h.validate(r, b, msgID, now)
+	accepted := len(b.samples) - len(letters)
+
+	// Refusals first: if Kafka then fails the samples, the sender's retry
+	// duplicates dead letters at worst, and a 400 is only ever sent with
+	// its dead letters acknowledged.
+	if err := h.pub.DeadLetter(r.Context(), letters); err != nil {
+		return h.publishFailed(w, err, msgID)
+	}
+	if err := h.pub.Publish(r.Context(), batches); err != nil {
+		return h.publishFailed(w, err, msgID)
+	}
+	if len(letters) == 0 {
+		w.Header().Set("Content-Type", "application/json")
+		w.WriteHeader(http.StatusOK)
+		out := strconv.AppendInt(append(make([]byte, 0, 32), `{"accepted":`...), int64(accepted), 10)
+		_, _ = w.Write(append(out, "}\n"...))
+		return http.StatusOK
+	}
+	h.log.Debug("samples refused", "accepted", accepted, "rejected", len(letters), "message_id", msgID, "remote", r.RemoteAddr)
+	p := &Problem{Type: problemType("invalid-samples"), Title: "Some samples were refused",
+		Status: http.StatusBadRequest, MessageID: msgID, Accepted: accepted, Rejected: len(letters), Errors: problems,
+		ErrorsTruncated: len(letters) > len(problems)}
+	if accepted > 0 {
+		p.Detail = fmt.Sprintf("%d of %d samples were refused and sent to the dead-letter topic; the other %d were accepted and must not be sent again",
+			len(letters), len(b.samples), accepted)
+	} else {
+		p.Detail = fmt.Sprintf("all %d samples were refused and sent to the dead-letter topic", len(letters))
+	}
+	return writeProblem(w, p)
+}
+
+// readBody reads the whole body, bounded by maxBody.
+func (h *Handler) readBody(w http.ResponseWriter, r *http.Request) ([]byte, *bodyError) {
+	tooLarge := func(n int64) *bodyError {
+		return &bodyError{status: http.StatusRequestEntityTooLarge, reason: validate.BodyTooLarge, offset: -1,
+			message: fmt.Sprintf("the body is larger than %d bytes (%d read); split it", h.maxBody, n)}
+	}
+	if r.ContentLength > h.maxBody {
+		// Read a prefix for the dead letter; the rest is not read.
+		prefix, _ := io.ReadAll(io.LimitReader(r.Body, 4096))
+		return prefix, tooLarge(r.ContentLength)
+	}
+	size := r.ContentLength
+	if size < 0 {
+		size = 4096
+	}
+	buf := bytes.NewBuffer(make([]byte, 0, size+1))
+	_, err := buf.ReadFrom(http.MaxBytesReader(w, r.Body, h.maxBody))
+	if err != nil {
+		var mbe *http.MaxBytesError
+		if errors.As(err, &mbe) {
+			return buf.Bytes(), tooLarge(int64(buf.Len()))
+		}
+		return buf.Bytes(), &bodyError{status: http.StatusBadRequest, reason: validate.InvalidJSON, offset: int64(buf.Len()),
+			message: fmt.Sprintf("reading the body failed after %d bytes: %v", buf.Len(), err)}
+	}
+	return buf.Bytes(), nil
+}
+
+// validate turns decoded samples into batches grouped by (tenant, patient,
+// device, message id) in order of first appearance, and refusals into dead
+// letters and problem entries.
+func (h *Handler) validate(r *http.Request, b *body, msgID string, now int64) ([]*vigilv1.SampleBatch, []*vigilv1.DeadLetter, []ProblemError) {
+	var (
+		batches  []*vigilv1.SampleBatch
+		letters  []*vigilv1.DeadLetter
+		problems []ProblemError
+		groups   map[string]*vigilv1.SampleBatch
+		last     *vigilv1.SampleBatch
+		local    map[string]string // interned per-sample strings of this request
+		key      []byte
+		slab     = make([]vigilv1.Sample, len(b.samples))
+	)
+	intern := func(s str, def string) string {
+		if !s.ok {
+			return def
+		}
+		if v, ok := h.names[string(s.b)]; ok {
+			return v
+		}
+		if v, ok := local[string(s.b)]; ok {
+			return v
+		}
+		if local == nil {
+			local = map[string]string{}
+		}
+		v := string(s.b)
+		local[v] = v
+		return v
+	}
+	defTenant, defPatient, defDevice := string(b.tenant.b), string(b.patient.b), string(b.device.b)
+	for i := range b.samples {
+		s := &b.samples[i]
+		in := validate.Input{
+			Tenant:      intern(s.tenant, defTenant),
+			Patient:     intern(s.patient, defPatient),
+			Device:      intern(s.device, defDevice),
+			Metric:      intern(s.metric, ""),
+			LOINC:       intern(s.loinc, ""),
+			Unit:        intern(s.unit, ""),
+			Channel:     intern(s.channel, ""),
+			Value:       s.value,
+			HasValue:    s.hasValue,
+			EventTimeMs: s.timeMs,
+			HasTime:     s.hasTime,
+			Sequence:    s.seq,
+		}
+		mid := intern(s.messageID, msgID)
+		rf := s.refusal
+		if rf == nil && s.messageID.ok {
+			if rf = validate.CheckID("message_id", mid, MaxMessageIDLen); rf != nil {
+				rf.Field = fmt.Sprintf("samples[%d].message_id", i)
+			}
+		}
+		out := &slab[i]
+		if rf == nil {
+			if rf = h.val.Sample(&in, now, out); rf != nil {
+				rf.Field = fieldPath(i, rf.Field, s)
+			}
+		}
+		if rf != nil {
+			letters = append(letters, h.letter(r, i, s, &in, mid, rf, now))
+			if len(problems) < MaxProblemErrors {
+				problems = append(problems, ProblemError{Index: i, Field: rf.Field, Reason: string(rf.Reason), Message: rf.Message})
+			}
+			continue
+		}
+		if last == nil || last.Tenant != in.Tenant || last.Patient != in.Patient || last.Device != in.Device || last.MessageId != mid {
+			key = append(append(append(append(append(append(append(key[:0], in.Tenant...), 0), in.Patient...), 0), in.Device...), 0), mid...)
+			last = groups[string(key)]
+			if last == nil {
+				last = &vigilv1.SampleBatch{SchemaVersion: publish.SchemaVersion, Tenant: in.Tenant, Patient: in.Patient,
+					Device: in.Device, Source: vigilv1.Source_SOURCE_HTTP, IngestTimeMs: now, MessageId: mid}
+				if len(batches) > 0 && groups == nil {
+					groups = map[string]*vigilv1.SampleBatch{}
+					// The first group was made before the map existed.
+					f := batches[0]
+					groups[f.Tenant+"\x00"+f.Patient+"\x00"+f.Device+"\x00"+f.MessageId] = f
+				}
+				if groups != nil {
+					groups[string(key)] = last
+				}
+				batches = append(batches, last)
+			}
+		}
+		last.Samples = append(last.Samples, out)
+	}
+	return batches, letters, problems
+}
+
+// fieldPath maps a validate field name onto the request's JSON path: an
+// inherited top-level id is named at the top level.
+func fieldPath(i int, field string, s *sampleIn) string {
+	switch field {
+	case validate.FieldTenant:
+		if !s.tenant.ok {
+			return "tenant"
+		}
+	case validate.FieldPatient:
+		if !s.patient.ok {
+			return "patient"
+		}
+	case validate.FieldDevice:
+		if !s.device.ok {
+			return "device"
+		}
+	case validate.FieldTime:
+		if s.hasTime {
+			field = s.timeField
+		}
+	}
+	return "samples[" + strconv.Itoa(i) + "]." + field
+}
+
+// letter builds the dead letter of refused sample i.
+func (h *Handler) letter(r *http.Request, i int, s *sampleIn, in *validate.Input, msgID string, rf *validate.Refusal, now int64) *vigilv1.DeadLetter {
+	dl := &vigilv1.DeadLetter{
+		SchemaVersion: publish.SchemaVersion, Reason: string(rf.Reason), Message: rf.Message, Source: vigilv1.Source_SOURCE_HTTP,
+		Origin: r.RemoteAddr, Field: rf.Field, Raw: s.raw, RefusedTimeMs: now, Tenant: in.Tenant, Patient: in.Patient,
+		Device: in.Device, MessageId: msgID, ContentType: "application/json",
+	}
+	if !s.refusalIsDecode {
+		// The sample decoded: keep it as sent (not normalised) so a
+		// redrive need not re-parse raw.
+		dl.Batch = &vigilv1.SampleBatch{SchemaVersion: publish.SchemaVersion, Tenant: in.Tenant, Patient: in.Patient,
+			Device: in.Device, Source: vigilv1.Source_SOURCE_HTTP, IngestTimeMs: now, MessageId: msgID,
+			Samples: []*vigilv1.Sample{{Metric: in.Metric, Value: in.Value, Unit: in.Unit, EventTimeMs: in.EventTimeMs,
+				Sequence: in.Sequence, Channel: in.Channel, SourceCode: loincCode(in.LOINC)}}}
+	}
+	return dl
+}
+
+func loincCode(code string) string {
+	if code == "" {
+		return ""
+	}
+	return "LOINC:" + code
+}
+
+// refuseBody answers a request refused as a whole, after dead-lettering its
+// body (bounded).
+func (h *Handler) refuseBody(w http.ResponseWriter, r *http.Request, e *bodyError, data []byte, msgID string, now int64) int {
+	dl := &vigilv1.DeadLetter{
+		SchemaVersion: publish.SchemaVersion, Reason: string(e.reason), Message: e.Error(), Source: vigilv1.Source_SOURCE_HTTP,
+		Origin: r.RemoteAddr, Field: e.field, Raw: data, RefusedTimeMs: now, MessageId: msgID, ContentType: "application/json",
+	}
+	if e.status == http.StatusRequestEntityTooLarge && r.ContentLength > int64(len(data)) {
+		dl.RawSize = uint64(r.ContentLength)
+	}
+	h.log.Debug("request refused", "reason", e.reason, "err", e.Error(), "remote", r.RemoteAddr)
+	if err := h.pub.DeadLetter(r.Context(), []*vigilv1.DeadLetter{dl}); err != nil {
+		return h.publishFailed(w, err, msgID)
+	}
+	p := &Problem{Type: problemType(strings.ReplaceAll(string(e.reason), "_", "-")), Title: title(e.reason),
+		Status: e.status, Detail: e.Error(), Reason: string(e.reason), Field: e.field, Rejected: 0}
+	if e.offset >= 0 {
+		off := e.offset
+		p.Offset, p.Line, p.Column = &off, e.line, e.column
+	}
+	return writeProblem(w, p)
+}
+
+func title(r validate.Reason) string {
+	switch r {
+	case validate.InvalidJSON:
+		return "Invalid JSON"
+	case validate.UnknownField:
+		return "Unknown field"
+	case validate.InvalidType:
+		return "Field of the wrong type"
+	case validate.MissingField:
+		return "Missing field"
+	case validate.InvalidID:
+		return "Invalid identifier"
+	case validate.BodyTooLarge:
+		return "Body too large"
+	case validate.TooManySamples:
+		return "Too many samples"
+	}
+	return "Request refused"
+}
+
+// publishFailed answers a Kafka failure: 503 with Retry-After when a retry
+// may succeed, else 500. Nothing of the request counts as accepted.
+func (h *Handler) publishFailed(w http.ResponseWriter, err error, msgID string) int {
+	if publish.IsRetriable(err) {
+		w.Header().Set("Retry-After", "1")
+		return writeProblem(w, &Problem{Type: problemType("unavailable"), Title: "Kafka unavailable",
+			Status: http.StatusServiceUnavailable, MessageID: msgID,
+			Detail: "the samples could not be written to Kafka in time; nothing was accepted: retry the whole request (" + err.Error() + ")"})
+	}
+	h.log.Error("publishing failed permanently", "err", err, "message_id", msgID)
+	return writeProblem(w, &Problem{Type: problemType("publish-failed"), Title: "Publishing failed",
+		Status: http.StatusInternalServerError, MessageID: msgID,
+		Detail: "Kafka refused the samples; nothing was accepted (" + err.Error() + ")"})
+}
+
+func writeProblem(w http.ResponseWriter, p *Problem) int {
+	body, err := json.Marshal(p)
+	if err != nil {
+		body = []byte(`{"type":"about:blank","title":"Internal error","status":500}`)
+		p.Status = http.StatusInternalServerError
+	}
+	w.Header().Set("Content-Type", "application/problem+json")
+	w.WriteHeader(p.Status)
+	_, _ = w.Write(append(body, '\n'))
+	return p.Status
+}
+
+func problemType(slug string) string { return ProblemTypeBase + slug }
+
+func newMessageID() string {
+	var b [12]byte
+	_, _ = rand.Read(b[:])
+	return "http-" + hex.EncodeToString(b[:])
+}

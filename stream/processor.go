@@ -1,0 +1,724 @@
+// Package stream is Vigil's stream stage: it consumes sample batches
+// (vigil.samples.v1, keyed tenant/patient) in a consumer group and, per
+// patient, aggregates 1-minute event-time windows (features/window), scores
+// NEWS2 (detectors/news2) and runs the alert rules (detectors/alerting),
+// writing features, scores, alerts and too-late dead letters with
+// exactly-once semantics.
+//
+// # Transactions
+//
+// One franz-go GroupTransactSession (transactional id
+// "<stream.group>-<stream.instance_id>", read-committed) carries everything:
+// a transaction begins at the first input record after the previous one
+// ended and holds the outputs, the changelog updates of every patient the
+// transaction changed, and the input offsets. It is committed as soon as the
+// fetched input is drained, and at the latest stream.commit_interval after it
+// began, so that at low load an alert is committed milliseconds after its
+// sample arrived and at high load transactions grow instead of multiplying.
+// Rebalances are held off while a transaction is open (BlockRebalanceOnPoll)
+// and allowed between transactions.
+//
+// # State
+//
+// Per-patient state (open windows, latest values, open alerts, last score)
+// lives with the input partition that owns the patient. Its changelog is
+// the compacted topic kafka.topics.state, co-partitioned with the input:
+// a patient's state is written to the state partition with the number of
+// the input partition it came from, in the same transaction as the outputs
+// and offsets it reflects (a tombstone when the state is empty). When
+// partitions are assigned, their state is read back from the changelog to
+// its end (read-committed, after any open transaction on it has finished)
+// before any of their input is processed; on revocation or loss it is
+// dropped. When a transaction aborts, franz-go rewinds the input to the
+// committed offsets and the processor rebuilds the touched partitions'
+// state from the changelog, so processing resumes from a consistent point.
+// A crash anywhere therefore leaves committed outputs, state and offsets
+// that agree, and a restart produces what an uninterrupted run would have
+// (processing-time fields aside).
+//
+// Processing is single-goroutine per Processor; scale out by running more
+// processors in the same group.
+package stream
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"os"
+	"sync"
+	"time"
+
+	"github.com/twmb/franz-go/pkg/kadm"
+	"github.com/twmb/franz-go/pkg/kerr"
+	"github.com/twmb/franz-go/pkg/kgo"
+	"github.com/twmb/franz-go/plugin/kslog"
+	"google.golang.org/protobuf/proto"
+
+	"github.com/vigilhealth/vigil/detectors/alerting"
+	"github.com/vigilhealth/vigil/detectors/news2"
+	"github.com/vigilhealth/vigil/internal/bus"
+	"github.com/vigilhealth/vigil/internal/catalog"
+	"github.com/vigilhealth/vigil/internal/clock"
+	"github.com/vigilhealth/vigil/internal/config"
+	"github.com/vigilhealth/vigil/internal/stage"
+	vigilv1 "github.com/vigilhealth/vigil/proto/vigil/v1"
+)
+
+// restoreTimeout bounds restoring the state of newly assigned partitions
+// (including waiting for a crashed predecessor's open transaction on the
+// changelog to be aborted by the broker's transaction timeout).
+const restoreTimeout = 2 * time.Minute
+
+// errClosed reports that Close was called while Run was running.
+var errClosed = errors.New("stream processor closed")
+
+// PermanentError marks an error that restarting the consumer-group session
+// cannot fix (misconfigured topics, a fenced transactional id, a corrupt
+// changelog). Run returns it; other session errors are retried.
+type PermanentError struct{ Err error }
+
+func (e *PermanentError) Error() string { return e.Err.Error() }
+func (e *PermanentError) Unwrap() error { return e.Err }
+
+func permanent(err error) error { return &PermanentError{Err: err} }
+
+// Processor is the stream stage. Create it with New, run it with Run (one
+// call at a time), stop it by cancelling Run's context, then Close it.
+type Processor struct {
+	cfg   config.Config
+	log   *slog.Logger
+	clock clock.Clock
+	eng   *engine
+	m     *metrics
+	txnID string
+
+	mu     sync.Mutex
+	sess   *kgo.GroupTransactSession
+	closed bool
+
+	// hookBeforeEnd, when set (by tests, before Run), is called after a
+	// transaction's records are acknowledged and before it is ended: the
+	// point where a crash leaves the most uncommitted output behind.
+	hookBeforeEnd func()
+}
+
+// New validates cfg, loads the NEWS2 ruleset (cfg.Stream.Ruleset, or the
+// embedded one) and the metric catalogue (cfg.Ingest.Catalog, or the
+// embedded one), and registers the metrics on deps.Metrics. It connects to
+// nothing.
+func New(cfg config.Config, deps stage.Deps) (*Processor, error) {
+	deps = deps.WithDefaults()
+	if err := cfg.Validate(); err != nil {
+		return nil, fmt.Errorf("stream config: %w", err)
+	}
+	rs, err := news2.Load(cfg.Stream.Ruleset)
+	if err != nil {
+		return nil, fmt.Errorf("loading ruleset: %w", err)
+	}
+	cat := catalog.Default()
+	if cfg.Ingest.Catalog != "" {
+		doc, err := os.ReadFile(cfg.Ingest.Catalog)
+		if err != nil {
+			return nil, fmt.Errorf("reading metric catalogue: %w", err)
+		}
+		if cat, err = catalog.Parse(doc); err != nil {
+			return nil, fmt.Errorf("metric catalogue %s: %w", cfg.Ingest.Catalog, err)
+		}
+	}
+	instance := cfg.Stream.InstanceID
+	if instance == "" {
+		if instance, err = os.Hostname(); err != nil || instance == "" {
+			return nil, fmt.Errorf("stream.instance_id is empty and the host name is unknown (%v): set it", err)
+		}
+	}
+	m, err := newMetrics(deps.Metrics)
+	if err != nil {
+		return nil, err
+	}
+	return &Processor{
+		cfg:   cfg,
+		log:   deps.Log,
+		clock: deps.Clock,
+		m:     m,
+		txnID: cfg.Stream.Group + "-" + instance,
+		eng: &engine{
+			sizeMs:    cfg.Stream.Window.Milliseconds(),
+			oooMs:     cfg.Stream.OutOfOrderness.Milliseconds(),
+			staleness: cfg.Stream.Staleness,
+			ruleset:   rs,
+			alerts:    alerting.New(alerting.NEWS2Rules()),
+			catalog:   cat,
+		},
+	}, nil
+}
+
+// TransactionalID returns the Kafka transactional id the processor uses.
+func (p *Processor) TransactionalID() string { return p.txnID }
+
+// Run consumes and processes until ctx is cancelled, then commits the open
+// transaction and returns nil. It checks the topics first (the state topic
+// must have as many partitions as the samples topic). A failing
+// consumer-group session is restarted with backoff (its uncommitted work is
+// redone); a PermanentError is returned.
+func (p *Processor) Run(ctx context.Context) error {
+	backoff := 100 * time.Millisecond
+	wait := func() bool {
+		select {
+		case <-ctx.Done():
+			return false
+		case <-time.After(backoff):
+		}
+		backoff = min(backoff*2, 10*time.Second)
+		return true
+	}
+	for {
+		err := p.checkTopics(ctx)
+		if err == nil {
+			break
+		}
+		if ctx.Err() != nil {
+			return nil
+		}
+		if isPermanent(err) {
+			return err
+		}
+		p.log.Warn("checking stream topics failed; retrying", "err", err, "backoff", backoff)
+		if !wait() {
+			return nil
+		}
+	}
+	backoff = 100 * time.Millisecond
+	for {
+		err := p.runSession(ctx)
+		switch {
+		case err == nil, errors.Is(err, errClosed), p.isClosed():
+			return nil
+		case isPermanent(err):
+			return err
+		case ctx.Err() != nil:
+			// The failed transaction was not committed: nothing is lost,
+			// the next run processes its input again.
+			p.log.Warn("stream session failed while stopping", "err", err)
+			return nil
+		}
+		p.m.restarts.Inc()
+		p.log.Warn("stream session failed; restarting", "err", err, "backoff", backoff)
+		if !wait() {
+			return nil
+		}
+	}
+}
+
+func isPermanent(err error) bool {
+	var perm *PermanentError
+	return errors.As(err, &perm)
+}
+
+// Close releases the Kafka client if Run left one open. It is idempotent;
+// calling it while Run runs makes Run return.
+func (p *Processor) Close(context.Context) error {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	if p.closed {
+		return nil
+	}
+	p.closed = true
+	if p.sess != nil {
+		// Allowing rebalance: Run may hold it blocked from a poll.
+		p.sess.CloseAllowingRebalance()
+	}
+	return nil
+}
+
+func (p *Processor) isClosed() bool {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	return p.closed
+}
+
+func (p *Processor) setSession(s *kgo.GroupTransactSession) bool {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	if p.closed && s != nil {
+		return false
+	}
+	p.sess = s
+	return true
+}
+
+// checkTopics verifies that the input and changelog topics exist and are
+// co-partitioned.
+func (p *Processor) checkTopics(ctx context.Context) error {
+	cl, err := kgo.NewClient(p.clientOpts()...)
+	if err != nil {
+		return permanent(fmt.Errorf("creating kafka client: %w", err))
+	}
+	defer cl.Close()
+	samples, state := p.cfg.Kafka.Topics.Samples, p.cfg.Kafka.Topics.State
+	td, err := kadm.NewClient(cl).ListTopics(ctx, samples, state)
+	if err != nil {
+		return fmt.Errorf("listing topics %s and %s: %w", samples, state, err)
+	}
+	for _, name := range []string{samples, state} {
+		if t, ok := td[name]; !ok || t.Err != nil {
+			return permanent(fmt.Errorf("topic %s is missing (vigil creates its topics at start; create it with the partition count of the others): %v", name, td.Error()))
+		}
+	}
+	if ns, nc := len(td[samples].Partitions), len(td[state].Partitions); ns != nc {
+		return permanent(fmt.Errorf("state topic %s has %d partitions but samples topic %s has %d: the changelog must be co-partitioned with the input; recreate %s with %d partitions",
+			state, nc, samples, ns, state, ns))
+	}
+	return nil
+}
+
+func (p *Processor) clientOpts() []kgo.Opt {
+	return append(bus.ClientOpts(p.cfg.Kafka, p.log),
+		// franz-go logs every transaction begin/end at info: demote.
+		kgo.WithLogger(quietLogger{kslog.New(p.log.With("component", "kafka"))}))
+}
+
+// quietLogger demotes franz-go's info logs to debug.
+type quietLogger struct{ kgo.Logger }
+
+func (l quietLogger) Log(level kgo.LogLevel, msg string, keyvals ...any) {
+	if level == kgo.LogLevelInfo {
+		level = kgo.LogLevelDebug
+	}
+	l.Logger.Log(level, msg, keyvals...)
+}
+
+// partitioner writes changelog records to the partition set on the record
+// (the input partition of the patient) and everything else by key.
+type partitioner struct {
+	state string
+	keyed kgo.Partitioner
+}
+
+func (p partitioner) ForTopic(t string) kgo.TopicPartitioner {
+	if t == p.state {
+		return kgo.ManualPartitioner().ForTopic(t)
+	}
+	return p.keyed.ForTopic(t)
+}
+
+// runSession runs one consumer-group session until ctx is cancelled (nil,
+// after committing) or an error.
+func (p *Processor) runSession(ctx context.Context) error {
+	sessCtx, cancel := context.WithCancel(context.WithoutCancel(ctx))
+	defer cancel()
+	s := &session{p: p, ctx: sessCtx, parts: map[int32]map[string]*patient{}, dirtySet: map[dirtyKey]struct{}{}, touched: map[int32]bool{}}
+	opts := append(p.clientOpts(),
+		kgo.ConsumerGroup(p.cfg.Stream.Group),
+		kgo.ConsumeTopics(p.cfg.Kafka.Topics.Samples),
+		kgo.ConsumeResetOffset(kgo.NewOffset().AtStart()),
+		kgo.TransactionalID(p.txnID),
+		kgo.FetchIsolationLevel(kgo.ReadCommitted()),
+		kgo.BlockRebalanceOnPoll(),
+		kgo.RecordPartitioner(partitioner{state: p.cfg.Kafka.Topics.State, keyed: kgo.StickyKeyPartitioner(nil)}),
+		kgo.OnPartitionsAssigned(s.onAssigned),
+		kgo.OnPartitionsRevoked(s.onRevoked),
+		kgo.OnPartitionsLost(s.onLost),
+	)
+	sess, err := kgo.NewGroupTransactSession(opts...)
+	if err != nil {
+		return permanent(fmt.Errorf("creating transactional group session: %w", err))
+	}
+	s.sess = sess
+	if !p.setSession(sess) {
+		sess.Close()
+		return errClosed
+	}
+	defer func() {
+		p.setSession(nil)
+		sess.CloseAllowingRebalance()
+		s.mu.Lock()
+		s.parts = map[int32]map[string]*patient{}
+		s.updateGauge()
+		s.mu.Unlock()
+	}()
+	p.log.Info("stream processor joining group", "group", p.cfg.Stream.Group, "transactional_id", p.txnID,
+		"input", p.cfg.Kafka.Topics.Samples, "changelog", p.cfg.Kafka.Topics.State)
+	err = s.loop(ctx)
+	if err != nil && s.inTxn {
+		// Best effort: abort now rather than leave the transaction to
+		// the next session's fencing or the broker's timeout.
+		actx, acancel := context.WithTimeout(sessCtx, 10*time.Second)
+		_, _ = sess.End(actx, kgo.TryAbort)
+		acancel()
+	}
+	return err
+}
+
+type dirtyKey struct {
+	part int32
+	key  string
+}
+
+// session is the state of one consumer-group session. The main loop owns
+// it; the rebalance callbacks run only between transactions (the session
+// blocks rebalances from poll to AllowRebalance) and take mu.
+type session struct {
+	p    *Processor
+	ctx  context.Context // cancelled when the session ends, not with Run's ctx
+	sess *kgo.GroupTransactSession
+
+	mu       sync.Mutex
+	parts    map[int32]map[string]*patient // owned input partition -> key -> state
+	fatal    error                         // from a callback, returned by the loop
+	inTxn    bool
+	deadline time.Time
+	promise  *kgo.FirstErrPromise
+	out      outputs
+	dirty    []dirtyKey
+	dirtySet map[dirtyKey]struct{}
+	touched  map[int32]bool
+	// txn-local output counts
+	nFeatures, nScores int
+	nAlerts            map[vigilv1.AlertEventType]int
+	nDeadBy            map[string]int
+}
+
+func (s *session) loop(ctx context.Context) error {
+	cl := s.sess.Client()
+	maxPoll := s.p.cfg.Stream.MaxPollRecords
+	for {
+		if ctx.Err() != nil && !s.inTxn {
+			return nil
+		}
+		pollCtx, cancel := ctx, context.CancelFunc(func() {})
+		if s.inTxn {
+			pollCtx, cancel = context.WithDeadline(ctx, s.deadline)
+		}
+		fetches := s.sess.PollRecords(pollCtx, maxPoll)
+		cancel()
+		if fetches.IsClientClosed() {
+			return errClosed
+		}
+		fetchFailed := false
+		fetches.EachError(func(topic string, part int32, err error) {
+			if !errors.Is(err, context.Canceled) && !errors.Is(err, context.DeadlineExceeded) {
+				fetchFailed = true
+				s.p.log.Warn("fetch error", "topic", topic, "partition", part, "err", err)
+			}
+		})
+		if fetchFailed && fetches.NumRecords() == 0 && !s.inTxn {
+			// Do not spin on a persistent error (franz-go retries the
+			// retriable ones itself).
+			s.sess.AllowRebalance()
+			select {
+			case <-ctx.Done():
+			case <-time.After(250 * time.Millisecond):
+			}
+			continue
+		}
+		if err := s.takeFatal(); err != nil {
+			return err
+		}
+		if fetches.NumRecords() > 0 {
+			if !s.inTxn {
+				if err := s.begin(); err != nil {
+					return err
+				}
+			}
+			if err := s.process(fetches); err != nil {
+				return err
+			}
+		}
+		if s.inTxn && (ctx.Err() != nil || !time.Now().Before(s.deadline) || cl.BufferedFetchRecords() == 0) {
+			if err := s.commit(); err != nil {
+				return err
+			}
+		}
+		if !s.inTxn {
+			s.sess.AllowRebalance()
+		}
+	}
+}
+
+func (s *session) takeFatal() error {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	err := s.fatal
+	s.fatal = nil
+	return err
+}
+
+func (s *session) begin() error {
+	if err := s.sess.Begin(); err != nil {
+		return fmt.Errorf("beginning transaction: %w", err)
+	}
+	s.inTxn = true
+	s.deadline = time.Now().Add(s.p.cfg.Stream.CommitInterval)
+	s.promise = kgo.AbortingFirstErrPromise(s.sess.Client())
+	s.out.reset()
+	s.nFeatures, s.nScores = 0, 0
+	s.nAlerts = map[vigilv1.AlertEventType]int{}
+	s.nDeadBy = map[string]int{}
+	return nil
+}
+
+// process runs the engine over the fetched records and produces the
+// outputs into the open transaction.
+func (s *session) process(fetches kgo.Fetches) error {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	now := s.p.clock.Now().UnixMilli()
+	for iter := fetches.RecordIter(); !iter.Done(); {
+		r := iter.Next()
+		pats := s.parts[r.Partition]
+		if pats == nil {
+			return fmt.Errorf("record from %s partition %d, whose state was not restored", r.Topic, r.Partition)
+		}
+		s.touched[r.Partition] = true
+		s.processRecord(r, pats, now)
+		for _, o := range s.out.list {
+			if err := s.produce(o); err != nil {
+				return err
+			}
+		}
+		// Produced: the transaction's producer buffer holds them now.
+		clear(s.out.list)
+		s.out.list = s.out.list[:0]
+	}
+	return nil
+}
+
+func (s *session) processRecord(r *kgo.Record, pats map[string]*patient, now int64) {
+	var b vigilv1.SampleBatch
+	if err := proto.Unmarshal(r.Value, &b); err != nil {
+		s.out.list = append(s.out.list, output{kind: outDeadLetter, dl: s.rawDeadLetter(r, "invalid_protobuf",
+			fmt.Sprintf("record at %s/%d@%d is not a SampleBatch: %v", r.Topic, r.Partition, r.Offset, err), now)})
+		return
+	}
+	key := string(r.Key)
+	tenant, id := b.GetTenant(), b.GetPatient()
+	if want := string(bus.PatientKey(tenant, id)); want != key || tenant == "" || id == "" {
+		dl := deadLetter(&b, nil, "key_mismatch", fmt.Sprintf("record key %q does not name the batch's patient %q: state is kept by key", key, want), now)
+		dl.Batch.Samples = b.GetSamples()
+		s.out.list = append(s.out.list, output{kind: outDeadLetter, dl: dl})
+		s.out.samples += len(b.GetSamples())
+		return
+	}
+	pt, ok := pats[key]
+	if !ok {
+		pt = s.p.eng.newPatient(key, tenant, id)
+	}
+	if s.p.eng.apply(pt, &b, now, &s.out) {
+		if !ok {
+			pats[key] = pt
+		}
+		dk := dirtyKey{r.Partition, key}
+		if _, seen := s.dirtySet[dk]; !seen {
+			s.dirtySet[dk] = struct{}{}
+			s.dirty = append(s.dirty, dk)
+		}
+	}
+}
+
+// rawDeadLetter is the dead letter of an undecodable record.
+func (s *session) rawDeadLetter(r *kgo.Record, reason, msg string, now int64) *vigilv1.DeadLetter {
+	raw := r.Value
+	limit := s.p.cfg.Ingest.DeadLetterRawLimit
+	trunc := len(raw) > limit
+	if trunc {
+		raw = raw[:limit]
+	}
+	return &vigilv1.DeadLetter{SchemaVersion: 1, Reason: reason, Message: msg, Origin: "stream",
+		Raw: raw, RawSize: uint64(len(r.Value)), RawTruncated: trunc, RefusedTimeMs: now,
+		ContentType: "application/x-protobuf; messageType=vigil.v1.SampleBatch"}
+}
+
+// produce marshals one output and produces it into the transaction.
+func (s *session) produce(o output) error {
+	topics := s.p.cfg.Kafka.Topics
+	var (
+		topic string
+		key   []byte
+		msg   proto.Message
+	)
+	switch o.kind {
+	case outFeatures:
+		topic, key, msg = topics.Features, []byte(o.key), o.fw
+		s.nFeatures++
+	case outScore:
+		topic, key, msg = topics.Scores, []byte(o.key), o.score
+		s.nScores++
+	case outAlert:
+		topic, key, msg = topics.Alerts, []byte(o.key), o.alert
+		s.nAlerts[o.alert.GetType()]++
+	case outDeadLetter:
+		topic, key, msg = topics.DeadLetter, []byte(sourceName(o.dl.GetSource())), o.dl
+		s.nDeadBy[o.dl.GetReason()]++
+	}
+	val, err := encode(msg)
+	if err != nil {
+		return fmt.Errorf("encoding %s record: %w", topic, err)
+	}
+	s.sess.Produce(s.ctx, &kgo.Record{Topic: topic, Key: key, Value: val}, s.promise.Promise())
+	return nil
+}
+
+// commit writes the changelog of the patients the transaction changed and
+// ends the transaction. An abort rolls the touched partitions' state back
+// to the changelog; an End error ends the session.
+func (s *session) commit() error {
+	s.mu.Lock()
+	for _, d := range s.dirty {
+		pats := s.parts[d.part]
+		pt := pats[d.key]
+		var val []byte
+		switch {
+		case pt == nil:
+			continue // partition lost mid-transaction: the End below aborts
+		case pt.empty():
+			delete(pats, d.key) // tombstone
+		default:
+			var err error
+			if val, err = encode(pt.toProto()); err != nil {
+				s.mu.Unlock()
+				return fmt.Errorf("encoding state of %s: %w", d.key, err)
+			}
+		}
+		s.sess.Produce(s.ctx, &kgo.Record{Topic: s.p.cfg.Kafka.Topics.State, Partition: d.part, Key: []byte(d.key), Value: val}, s.promise.Promise())
+	}
+	s.mu.Unlock()
+
+	start := time.Now()
+	perr := s.promise.Err()
+	if h := s.p.hookBeforeEnd; h != nil {
+		h()
+	}
+	endCtx, cancel := context.WithTimeout(s.ctx, s.p.cfg.Kafka.ProduceTimeout+30*time.Second)
+	committed, err := s.sess.End(endCtx, kgo.TransactionEndTry(perr == nil))
+	cancel()
+	s.inTxn = false
+	s.p.m.commitTime.Observe(time.Since(start).Seconds())
+	touched := s.touched
+	s.touched = map[int32]bool{}
+	clear(s.dirtySet)
+	s.dirty = s.dirty[:0]
+	if err != nil {
+		if errors.Is(err, kerr.ProducerFenced) || errors.Is(err, kerr.InvalidProducerEpoch) || errors.Is(err, kerr.TransactionalIDAuthorizationFailed) {
+			return permanent(fmt.Errorf("ending transaction (is another processor running with transactional id %s?): %w", s.p.txnID, err))
+		}
+		return fmt.Errorf("ending transaction: %w", err)
+	}
+	if !committed {
+		s.p.m.aborts.Inc()
+		s.p.log.Info("transaction aborted; rolling state back to the changelog", "produce_err", perr, "partitions", len(touched))
+		if perr != nil {
+			// A record that cannot be produced fails again when redone:
+			// let the session restart with backoff.
+			return fmt.Errorf("producing in transaction: %w", perr)
+		}
+		return s.rollback(touched)
+	}
+	m := s.p.m
+	m.transactions.Inc()
+	m.samples.Add(float64(s.out.samples))
+	m.late.Add(float64(s.out.late))
+	m.features.Add(float64(s.nFeatures))
+	m.scores.Add(float64(s.nScores))
+	for t, n := range s.nAlerts {
+		m.alerts.WithLabelValues(alertTypeLabel(t)).Add(float64(n))
+	}
+	for r, n := range s.nDeadBy {
+		m.deadLetters.WithLabelValues(r).Add(float64(n))
+	}
+	if s.out.late > 0 {
+		s.p.log.Debug("late samples sent to dead letters", "count", s.out.late)
+	}
+	s.mu.Lock()
+	s.updateGauge()
+	s.mu.Unlock()
+	s.out.reset()
+	return nil
+}
+
+func alertTypeLabel(t vigilv1.AlertEventType) string {
+	switch t {
+	case vigilv1.AlertEventType_ALERT_EVENT_RAISED:
+		return "raised"
+	case vigilv1.AlertEventType_ALERT_EVENT_RESOLVED:
+		return "resolved"
+	case vigilv1.AlertEventType_ALERT_EVENT_RECHECKED:
+		return "rechecked"
+	case vigilv1.AlertEventType_ALERT_EVENT_ESCALATED:
+		return "escalated"
+	case vigilv1.AlertEventType_ALERT_EVENT_ACKNOWLEDGED:
+		return "acknowledged"
+	case vigilv1.AlertEventType_ALERT_EVENT_SUPPRESSED:
+		return "suppressed"
+	}
+	return "unspecified"
+}
+
+// rollback rebuilds the state of the given partitions (those still owned)
+// from the changelog, after an abort rewound their input.
+func (s *session) rollback(touched map[int32]bool) error {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	var parts []int32
+	for p := range touched {
+		if _, owned := s.parts[p]; owned {
+			parts = append(parts, p)
+		}
+	}
+	return s.restoreLocked(s.ctx, s.sess.Client(), parts)
+}
+
+// onAssigned restores the state of newly assigned partitions. It first
+// loads the producer id: initialising the transactional id fences a
+// crashed predecessor with the same instance id and aborts its open
+// transaction at once, instead of leaving the changelog (and the group's
+// pending offsets) blocked until the broker's transaction timeout.
+func (s *session) onAssigned(ctx context.Context, cl *kgo.Client, assigned map[string][]int32) {
+	parts := assigned[s.p.cfg.Kafka.Topics.Samples]
+	if len(parts) == 0 {
+		return
+	}
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	pctx, cancel := context.WithTimeout(ctx, restoreTimeout)
+	_, _, err := cl.ProducerID(pctx)
+	cancel()
+	if err != nil {
+		err = fmt.Errorf("initialising transactional id %s: %w", s.p.txnID, err)
+	} else {
+		err = s.restoreLocked(ctx, cl, parts)
+	}
+	if err != nil && s.fatal == nil {
+		s.fatal = err
+	}
+}
+
+func (s *session) onRevoked(_ context.Context, _ *kgo.Client, revoked map[string][]int32) {
+	s.drop(revoked[s.p.cfg.Kafka.Topics.Samples], "revoked")
+}
+
+func (s *session) onLost(_ context.Context, _ *kgo.Client, lost map[string][]int32) {
+	s.drop(lost[s.p.cfg.Kafka.Topics.Samples], "lost")
+}
+
+func (s *session) drop(parts []int32, why string) {
+	if len(parts) == 0 {
+		return
+	}
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	for _, p := range parts {
+		delete(s.parts, p)
+	}
+	s.updateGauge()
+	s.p.log.Info("partitions "+why+"; state dropped", "partitions", parts)
+}
+
+// updateGauge sets the patients gauge; mu must be held.
+func (s *session) updateGauge() {
+	n := 0
+	for _, pats := range s.parts {
+		n += len(pats)
+	}
+	s.p.m.patients.Set(float64(n))
+}

@@ -1,0 +1,688 @@
+package stream
+
+import (
+	"context"
+	"fmt"
+	"io"
+	"log/slog"
+	"math/rand/v2"
+	"slices"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/prometheus/client_golang/prometheus"
+	"github.com/twmb/franz-go/pkg/kadm"
+	"github.com/twmb/franz-go/pkg/kgo"
+	"google.golang.org/protobuf/proto"
+
+	"github.com/vigilhealth/vigil/internal/bus"
+	"github.com/vigilhealth/vigil/internal/config"
+	"github.com/vigilhealth/vigil/internal/stage"
+	"github.com/vigilhealth/vigil/internal/testenv"
+	vigilv1 "github.com/vigilhealth/vigil/proto/vigil/v1"
+)
+
+func TestMain(m *testing.M) { testenv.Main(m) }
+
+// infoLogger logs info and above to the test log (franz-go's debug output
+// would drown it).
+func infoLogger(t testing.TB) *slog.Logger {
+	return slog.New(slog.NewTextHandler(tlogWriter{t}, &slog.HandlerOptions{Level: slog.LevelInfo}))
+}
+
+type tlogWriter struct{ t testing.TB }
+
+func (w tlogWriter) Write(p []byte) (int, error) {
+	w.t.Helper()
+	w.t.Log(strings.TrimSuffix(string(p), "\n"))
+	return len(p), nil
+}
+
+// produce writes batches to the samples topic in order, keyed by patient.
+func produce(t testing.TB, cfg config.Config, batches []*vigilv1.SampleBatch) {
+	t.Helper()
+	cl, err := kgo.NewClient(bus.ClientOpts(cfg.Kafka, slog.New(slog.DiscardHandler))...)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer cl.Close()
+	recs := make([]*kgo.Record, len(batches))
+	for i, b := range batches {
+		v, err := proto.Marshal(b)
+		if err != nil {
+			t.Fatal(err)
+		}
+		recs[i] = &kgo.Record{Topic: cfg.Kafka.Topics.Samples, Key: bus.PatientKey(b.Tenant, b.Patient), Value: v}
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	if err := cl.ProduceSync(ctx, recs...).FirstErr(); err != nil {
+		t.Fatalf("producing samples: %v", err)
+	}
+}
+
+// running is a processor running in the background.
+type running struct {
+	p      *Processor
+	reg    *prometheus.Registry
+	cancel context.CancelFunc
+	done   chan error
+}
+
+func start(t testing.TB, cfg config.Config, instance string) *running {
+	t.Helper()
+	return startWith(t, cfg, instance, nil)
+}
+
+func startWith(t testing.TB, cfg config.Config, instance string, setup func(*Processor)) *running {
+	t.Helper()
+	cfg.Stream.InstanceID = instance
+	reg := prometheus.NewRegistry()
+	p, err := New(cfg, stage.Deps{Log: infoLogger(t), Metrics: reg})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if setup != nil {
+		setup(p)
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	r := &running{p: p, reg: reg, cancel: cancel, done: make(chan error, 1)}
+	go func() { r.done <- p.Run(ctx) }()
+	return r
+}
+
+// stop cancels Run and requires it to return nil, then closes.
+func (r *running) stop(t testing.TB) {
+	t.Helper()
+	r.cancel()
+	select {
+	case err := <-r.done:
+		if err != nil {
+			t.Errorf("Run returned %v after cancel, want nil", err)
+		}
+	case <-time.After(30 * time.Second):
+		t.Fatal("Run did not return within 30s of cancel")
+	}
+	if err := r.p.Close(context.Background()); err != nil {
+		t.Error(err)
+	}
+	if err := r.p.Close(context.Background()); err != nil {
+		t.Errorf("second Close: %v", err)
+	}
+}
+
+// crash waits for Run to return after the Kafka client was closed under
+// it without ending its transaction (what a killed process leaves behind,
+// except that the group is left at once instead of after the session
+// timeout).
+func (r *running) crash(t testing.TB) {
+	t.Helper()
+	select {
+	case <-r.done:
+	case <-time.After(30 * time.Second):
+		t.Fatal("Run did not return within 30s of Close")
+	}
+	r.cancel()
+}
+
+// waitCaughtUp waits until the group's committed offsets reach the end of
+// the samples topic.
+func waitCaughtUp(t testing.TB, cfg config.Config, timeout time.Duration) {
+	t.Helper()
+	cl, err := kgo.NewClient(kgo.SeedBrokers(cfg.Kafka.Brokers...))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer cl.Close()
+	adm := kadm.NewClient(cl)
+	deadline := time.Now().Add(timeout)
+	ctx := context.Background()
+	for {
+		ends, err1 := adm.ListEndOffsets(ctx, cfg.Kafka.Topics.Samples)
+		committed, err2 := adm.FetchOffsets(ctx, cfg.Stream.Group)
+		if err1 == nil && err2 == nil {
+			behind := 0
+			ends.Each(func(o kadm.ListedOffset) {
+				c, ok := committed.Lookup(o.Topic, o.Partition)
+				if o.Offset > 0 && (!ok || c.At < o.Offset) {
+					behind++
+				}
+			})
+			if behind == 0 {
+				return
+			}
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("group %s not caught up after %s (%v %v)", cfg.Stream.Group, timeout, err1, err2)
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+}
+
+// readAll reads every committed record of topic, in partition order.
+func readAll(t testing.TB, cfg config.Config, topic string) []*kgo.Record {
+	t.Helper()
+	cl, err := kgo.NewClient(kgo.SeedBrokers(cfg.Kafka.Brokers...))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer cl.Close()
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	ends, err := kadm.NewClient(cl).ListEndOffsets(ctx, topic)
+	if err != nil {
+		t.Fatal(err)
+	}
+	want := map[int32]kgo.Offset{}
+	endOf := map[int32]int64{}
+	ends.Each(func(o kadm.ListedOffset) {
+		if o.Offset > 0 {
+			want[o.Partition] = kgo.NewOffset().AtStart()
+			endOf[o.Partition] = o.Offset
+		}
+	})
+	if len(want) == 0 {
+		return nil
+	}
+	rc, err := kgo.NewClient(kgo.SeedBrokers(cfg.Kafka.Brokers...),
+		kgo.ConsumePartitions(map[string]map[int32]kgo.Offset{topic: want}),
+		kgo.FetchIsolationLevel(kgo.ReadCommitted()), kgo.KeepControlRecords())
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer rc.Close()
+	byPart := map[int32][]*kgo.Record{}
+	done := map[int32]bool{}
+	for len(done) < len(want) {
+		fs := rc.PollFetches(ctx)
+		if ctx.Err() != nil {
+			t.Fatalf("reading %s: timed out", topic)
+		}
+		fs.EachRecord(func(r *kgo.Record) {
+			if done[r.Partition] {
+				return
+			}
+			if !r.Attrs.IsControl() {
+				byPart[r.Partition] = append(byPart[r.Partition], r)
+			}
+			if r.Offset >= endOf[r.Partition]-1 {
+				done[r.Partition] = true
+			}
+		})
+	}
+	var out []*kgo.Record
+	for p := int32(0); p < 64; p++ {
+		out = append(out, byPart[p]...)
+	}
+	return out
+}
+
+func decode[T proto.Message](t testing.TB, recs []*kgo.Record, mk func() T) []T {
+	t.Helper()
+	out := make([]T, len(recs))
+	for i, r := range recs {
+		m := mk()
+		if err := proto.Unmarshal(r.Value, m); err != nil {
+			t.Fatalf("decoding %s@%d: %v", r.Topic, r.Offset, err)
+		}
+		out[i] = m
+	}
+	return out
+}
+
+type topicOutputs struct {
+	fws    []*vigilv1.FeatureWindow
+	scores []*vigilv1.Score
+	alerts []*vigilv1.AlertEvent
+	dls    []*vigilv1.DeadLetter
+}
+
+func readOutputs(t testing.TB, cfg config.Config) topicOutputs {
+	tp := cfg.Kafka.Topics
+	return topicOutputs{
+		fws:    decode(t, readAll(t, cfg, tp.Features), func() *vigilv1.FeatureWindow { return &vigilv1.FeatureWindow{} }),
+		scores: decode(t, readAll(t, cfg, tp.Scores), func() *vigilv1.Score { return &vigilv1.Score{} }),
+		alerts: decode(t, readAll(t, cfg, tp.Alerts), func() *vigilv1.AlertEvent { return &vigilv1.AlertEvent{} }),
+		dls:    decode(t, readAll(t, cfg, tp.DeadLetter), func() *vigilv1.DeadLetter { return &vigilv1.DeadLetter{} }),
+	}
+}
+
+// TestProcessorScenario runs the known scenario through kfake and checks
+// the topics (read-committed) against the hand-computed values, the
+// metrics, and the changelog.
+func TestProcessorScenario(t *testing.T) {
+	cfg := testenv.Config(t, testenv.Kafka(t), "")
+	produce(t, cfg, scenarioBatches("st-mary", "p-001"))
+	r := start(t, cfg, "a")
+	waitCaughtUp(t, cfg, 30*time.Second)
+	r.stop(t)
+
+	out := readOutputs(t, cfg)
+	checkScenario(t, out.fws, out.scores, out.alerts, out.dls)
+	for _, rec := range readAll(t, cfg, cfg.Kafka.Topics.Scores) {
+		if string(rec.Key) != "st-mary/p-001" {
+			t.Errorf("score key %q", rec.Key)
+		}
+	}
+	if recs := readAll(t, cfg, cfg.Kafka.Topics.DeadLetter); len(recs) != 1 || string(recs[0].Key) != "http" {
+		t.Errorf("dead letter keys: %v", recs)
+	}
+
+	for name, want := range map[string]float64{
+		"vigil_stream_samples_total":          31, // 6+2+2+2+3+2+5+1+5+2+1
+		"vigil_stream_features_emitted_total": 3,
+		"vigil_stream_scores_emitted_total":   7,
+		"vigil_stream_late_samples_total":     1,
+	} {
+		if got := counterValue(t, r.reg, name, ""); got != want {
+			t.Errorf("%s = %v, want %v", name, got, want)
+		}
+	}
+	if got := counterValue(t, r.reg, "vigil_stream_alerts_emitted_total", "raised"); got != 1 {
+		t.Errorf("raised alerts metric %v", got)
+	}
+	if got := counterValue(t, r.reg, "vigil_stream_transactions_total", ""); got < 1 {
+		t.Errorf("transactions metric %v", got)
+	}
+
+	// The changelog's latest entry for the patient: minute 3 open with
+	// HR 74, no open alert, on the input's partition.
+	var last *kgo.Record
+	for _, rec := range readAll(t, cfg, cfg.Kafka.Topics.State) {
+		last = rec
+	}
+	samples := readAll(t, cfg, cfg.Kafka.Topics.Samples)
+	if last == nil || last.Partition != samples[0].Partition {
+		t.Fatalf("changelog record %v not on the input partition %d", last, samples[0].Partition)
+	}
+	var ps vigilv1.PatientState
+	if err := proto.Unmarshal(last.Value, &ps); err != nil {
+		t.Fatal(err)
+	}
+	if len(ps.Windows) != 1 || ps.Windows[0].StartMs != t0+180000 || ps.Windows[0].Last != 74 ||
+		len(ps.OpenAlerts) != 0 || ps.MaxEventTimeMs != t0+190000 || ps.LastScores["news2"].GetValue() != 0 {
+		t.Errorf("changelog state: %v", &ps)
+	}
+}
+
+func counterValue(t testing.TB, reg *prometheus.Registry, name, label string) float64 {
+	t.Helper()
+	mfs, err := reg.Gather()
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, mf := range mfs {
+		if mf.GetName() != name {
+			continue
+		}
+		for _, m := range mf.GetMetric() {
+			if label != "" && (len(m.GetLabel()) == 0 || m.GetLabel()[0].GetValue() != label) {
+				continue
+			}
+			return m.GetCounter().GetValue()
+		}
+	}
+	return 0
+}
+
+// workload is a deterministic multi-patient input: every patient reports a
+// few vitals every 5 s (random walks that cross NEWS2 thresholds), with
+// some samples out of order within the allowed lateness and some too late.
+func workload(patients, minutes int, seed uint64) []*vigilv1.SampleBatch {
+	rng := rand.New(rand.NewPCG(seed, 1))
+	type vit struct {
+		metric string
+		v      float64
+		lo, hi float64
+		step   float64
+	}
+	base := func() []vit {
+		return []vit{
+			{"heart_rate", 85, 35, 150, 6}, {"respiratory_rate", 18, 6, 32, 2}, {"spo2", 95, 84, 100, 1.5},
+			{"systolic_bp", 115, 80, 230, 8}, {"body_temperature", 37.2, 34.5, 40.5, 0.3}, {"consciousness", 0, 0, 1, 0},
+		}
+	}
+	state := make([][]vit, patients)
+	for i := range state {
+		state[i] = base()
+	}
+	var out []*vigilv1.SampleBatch
+	seq := 0
+	for step := 0; step < minutes*12; step++ {
+		for p := 0; p < patients; p++ {
+			at := t0 + int64(step)*5000 + int64(p)*37
+			b := &vigilv1.SampleBatch{SchemaVersion: 1, Tenant: "t", Patient: fmt.Sprintf("p-%02d", p), Device: "d",
+				Source: vigilv1.Source_SOURCE_SIMULATOR, IngestTimeMs: at + 100, MessageId: fmt.Sprint(seq)}
+			seq++
+			for i := range state[p] {
+				v := &state[p][i]
+				if v.metric == "consciousness" {
+					if step%24 != 0 {
+						continue
+					}
+					v.v = float64(rng.IntN(10) / 9) // mostly alert
+				} else {
+					if rng.IntN(3) == 0 {
+						continue // not every vital in every message
+					}
+					v.v = min(v.hi, max(v.lo, v.v+(rng.Float64()*2-1)*v.step))
+				}
+				val := v.v
+				if v.metric != "body_temperature" {
+					val = float64(int(val))
+				} else {
+					val = float64(int(val*10)) / 10
+				}
+				t := at
+				switch rng.IntN(20) {
+				case 0:
+					t = at - 3000 // out of order, within out_of_orderness
+				case 1:
+					t = at - 75000 // too late
+				}
+				b.Samples = append(b.Samples, &vigilv1.Sample{Metric: v.metric, Value: val, EventTimeMs: t, Sequence: uint64(step)})
+			}
+			if len(b.Samples) > 0 {
+				out = append(out, b)
+			}
+		}
+	}
+	return out
+}
+
+// normalized renders outputs without processing-time fields, grouped by
+// patient in topic order, for comparing runs.
+func normalized(t testing.TB, o topicOutputs) map[string][]string {
+	out := map[string][]string{}
+	opts := proto.MarshalOptions{Deterministic: true}
+	add := func(kind, patient string, m proto.Message) {
+		b, err := opts.Marshal(m)
+		if err != nil {
+			t.Fatal(err)
+		}
+		out[kind+"/"+patient] = append(out[kind+"/"+patient], string(b))
+	}
+	for _, f := range o.fws {
+		f = proto.Clone(f).(*vigilv1.FeatureWindow)
+		f.EmittedTimeMs = 0
+		add("features", f.Patient, f)
+	}
+	for _, s := range o.scores {
+		s = proto.Clone(s).(*vigilv1.Score)
+		s.EmittedTimeMs = 0
+		add("scores", s.Patient, s)
+	}
+	for _, a := range o.alerts {
+		a = proto.Clone(a).(*vigilv1.AlertEvent)
+		a.EmittedTimeMs = 0
+		a.Score.EmittedTimeMs = 0
+		add("alerts", a.Patient, a)
+	}
+	for _, d := range o.dls {
+		d = proto.Clone(d).(*vigilv1.DeadLetter)
+		d.RefusedTimeMs = 0
+		add("deadletters", d.Patient, d)
+	}
+	return out
+}
+
+func compareRuns(t *testing.T, want, got topicOutputs) {
+	t.Helper()
+	if len(want.scores) == 0 || len(want.alerts) == 0 || len(want.dls) == 0 || len(want.fws) == 0 {
+		t.Fatalf("reference run too thin to compare: %d features %d scores %d alerts %d dead letters",
+			len(want.fws), len(want.scores), len(want.alerts), len(want.dls))
+	}
+	t.Logf("reference: %d feature windows, %d scores, %d alert events, %d dead letters", len(want.fws), len(want.scores), len(want.alerts), len(want.dls))
+	w, g := normalized(t, want), normalized(t, got)
+	var keys []string
+	for k := range w {
+		keys = append(keys, k)
+	}
+	for k := range g {
+		if _, ok := w[k]; !ok {
+			keys = append(keys, k)
+		}
+	}
+	slices.Sort(keys)
+	for _, k := range keys {
+		if !slices.Equal(w[k], g[k]) {
+			t.Errorf("%s: %d records, reference %d; sequences differ", k, len(g[k]), len(w[k]))
+		}
+	}
+}
+
+// reference runs the workload uninterrupted on its own broker.
+func reference(t *testing.T, batches []*vigilv1.SampleBatch) topicOutputs {
+	cfg := testenv.Config(t, testenv.Kafka(t), "")
+	produce(t, cfg, batches)
+	r := start(t, cfg, "ref")
+	waitCaughtUp(t, cfg, 60*time.Second)
+	r.stop(t)
+	return readOutputs(t, cfg)
+}
+
+// TestRestartEqualsUninterrupted feeds the same input to an uninterrupted
+// processor and to processors that are stopped (cancelled) and crashed
+// (client closed mid-transaction) repeatedly while input keeps arriving,
+// and requires equal outputs: no duplicates, nothing missing, equal values.
+func TestRestartEqualsUninterrupted(t *testing.T) {
+	batches := workload(6, 8, 42)
+	want := reference(t, batches)
+
+	cfg := testenv.Config(t, testenv.Kafka(t), "")
+	const cycles = 6
+	chunk := len(batches)/(cycles+1) + 1
+	feed := func(i int) { // input arrives in pieces while a processor runs
+		for j := i * chunk; j < min((i+1)*chunk, len(batches)); j += 10 {
+			produce(t, cfg, batches[j:min(j+10, (i+1)*chunk, len(batches))])
+			time.Sleep(5 * time.Millisecond)
+		}
+	}
+	for i := 0; i < cycles; i++ {
+		if i%2 == 1 {
+			r := start(t, cfg, "node-1")
+			feed(i)
+			r.stop(t) // graceful: whatever is in flight commits
+			continue
+		}
+		// Crash at the second transaction, its outputs and changelog
+		// written but not committed.
+		crashed := make(chan struct{})
+		n := 0
+		r := startWith(t, cfg, "node-1", func(p *Processor) {
+			p.hookBeforeEnd = func() {
+				if n++; n == 2 {
+					_ = p.Close(context.Background())
+					close(crashed)
+				}
+			}
+		})
+		feed(i)
+		select {
+		case <-crashed:
+		case <-time.After(20 * time.Second):
+			t.Fatal("no transaction to crash in")
+		}
+		r.crash(t)
+	}
+	r := start(t, cfg, "node-1")
+	feed(cycles)
+	waitCaughtUp(t, cfg, 60*time.Second)
+	r.stop(t)
+	compareRuns(t, want, readOutputs(t, cfg))
+}
+
+// TestTwoProcessorsSplitAndRebalance runs two processors in one group:
+// the second joins mid-stream (partitions move to it and their state is
+// restored from the changelog) and the first leaves later (all partitions
+// move back). Outputs must equal an uninterrupted single processor's.
+func TestTwoProcessorsSplitAndRebalance(t *testing.T) {
+	batches := workload(9, 6, 7)
+	want := reference(t, batches)
+
+	cfg := testenv.Config(t, testenv.Kafka(t), "")
+	third := len(batches) / 3
+	produce(t, cfg, batches[:third])
+	a := start(t, cfg, "a")
+	waitCaughtUp(t, cfg, 30*time.Second)
+	owned := func(r *running) float64 {
+		mfs, _ := r.reg.Gather()
+		for _, mf := range mfs {
+			if mf.GetName() == "vigil_stream_patients" {
+				return mf.GetMetric()[0].GetGauge().GetValue()
+			}
+		}
+		return -1
+	}
+	b := start(t, cfg, "b")
+	// The group rebalances on the first member's next heartbeat (3 s).
+	for deadline := time.Now().Add(20 * time.Second); owned(b) <= 0; time.Sleep(20 * time.Millisecond) {
+		if time.Now().After(deadline) {
+			t.Fatal("the second processor got no partition with state within 20s")
+		}
+	}
+	produce(t, cfg, batches[third:2*third])
+	waitCaughtUp(t, cfg, 60*time.Second)
+	pa, pb := owned(a), owned(b)
+	t.Logf("patients held: a %v, b %v", pa, pb)
+	if pa <= 0 || pb <= 0 || pa+pb != 9 {
+		t.Errorf("partitions not split: a holds %v patients, b %v (want both > 0, 9 in all)", pa, pb)
+	}
+	a.stop(t)
+	produce(t, cfg, batches[2*third:])
+	waitCaughtUp(t, cfg, 60*time.Second)
+	if got := owned(b); got != 9 {
+		t.Errorf("after a left, b holds %v patients, want 9", got)
+	}
+	b.stop(t)
+	compareRuns(t, want, readOutputs(t, cfg))
+}
+
+// TestPartitionMismatchFails: a changelog not co-partitioned with the
+// input is refused with an error naming both topics.
+func TestPartitionMismatchFails(t *testing.T) {
+	addr := testenv.Kafka(t)
+	cfg := config.Default()
+	cfg.Kafka.Brokers = []string{addr}
+	cfg.Kafka.Topics.State = "state-with-2"
+	cl, err := kgo.NewClient(kgo.SeedBrokers(addr))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer cl.Close()
+	adm := kadm.NewClient(cl)
+	ctx := context.Background()
+	if _, err := adm.CreateTopic(ctx, 3, -1, nil, cfg.Kafka.Topics.Samples); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := adm.CreateTopic(ctx, 2, -1, nil, cfg.Kafka.Topics.State); err != nil {
+		t.Fatal(err)
+	}
+	cfg.Stream.InstanceID = "x"
+	p, err := New(cfg, stage.Deps{Log: slog.New(slog.NewTextHandler(io.Discard, nil))})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer p.Close(ctx)
+	rctx, cancel := context.WithTimeout(ctx, 20*time.Second)
+	defer cancel()
+	err = p.Run(rctx)
+	if err == nil || !strings.Contains(err.Error(), "state-with-2 has 2 partitions") || !strings.Contains(err.Error(), cfg.Kafka.Topics.Samples+" has 3") {
+		t.Fatalf("Run with mismatched partitions: %v", err)
+	}
+}
+
+// BenchmarkProcessor measures samples/s through the whole stage over
+// kfake: produce b.N batches of 6 samples for 200 patients, then time the
+// processor from start until the group has committed them all.
+func BenchmarkProcessor(b *testing.B) {
+	cfg := testenv.Config(b, testenv.Kafka(b), "")
+	metrics := []string{"heart_rate", "spo2", "respiratory_rate", "systolic_bp", "body_temperature", "consciousness"}
+	vals := []float64{80, 97, 16, 120, 37, 0}
+	batches := make([]*vigilv1.SampleBatch, b.N)
+	for i := range batches {
+		at := t0 + int64(i/200)*1000
+		bt := &vigilv1.SampleBatch{Tenant: "t", Patient: fmt.Sprintf("p-%03d", i%200), IngestTimeMs: at}
+		for j, m := range metrics {
+			bt.Samples = append(bt.Samples, &vigilv1.Sample{Metric: m, Value: vals[j] + float64(i%7), EventTimeMs: at})
+		}
+		batches[i] = bt
+	}
+	produce(b, cfg, batches)
+	b.ResetTimer()
+	cfg.Stream.InstanceID = "bench"
+	p, err := New(cfg, stage.Deps{})
+	if err != nil {
+		b.Fatal(err)
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan error, 1)
+	go func() { done <- p.Run(ctx) }()
+	waitCaughtUp(b, cfg, 5*time.Minute)
+	b.StopTimer()
+	cancel()
+	if err := <-done; err != nil {
+		b.Fatal(err)
+	}
+	_ = p.Close(context.Background())
+	b.ReportMetric(float64(b.N*6)/b.Elapsed().Seconds(), "samples/s")
+}
+
+// BenchmarkAlertLatency measures, at low load (one batch in flight at a
+// time), the time from producing a sample batch to its alert event being
+// visible read-committed on the alerts topic. Batches alternate between
+// vitals that raise (NEWS2 6) and resolve (0) the aggregate alert.
+func BenchmarkAlertLatency(b *testing.B) {
+	cfg := testenv.Config(b, testenv.Kafka(b), "")
+	cfg.Stream.InstanceID = "latency"
+	p, err := New(cfg, stage.Deps{})
+	if err != nil {
+		b.Fatal(err)
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan error, 1)
+	go func() { done <- p.Run(ctx) }()
+	defer func() {
+		cancel()
+		<-done
+		_ = p.Close(context.Background())
+	}()
+	alerts, err := kgo.NewClient(kgo.SeedBrokers(cfg.Kafka.Brokers...), kgo.ConsumeTopics(cfg.Kafka.Topics.Alerts),
+		kgo.FetchIsolationLevel(kgo.ReadCommitted()), kgo.FetchMaxWait(time.Second))
+	if err != nil {
+		b.Fatal(err)
+	}
+	defer alerts.Close()
+	prod, err := kgo.NewClient(bus.ClientOpts(cfg.Kafka, slog.New(slog.DiscardHandler))...)
+	if err != nil {
+		b.Fatal(err)
+	}
+	defer prod.Close()
+	lats := make([]time.Duration, 0, b.N)
+	b.ResetTimer()
+	for i := 0; i < b.N; i++ {
+		at := t0 + int64(i)*1000
+		hr, rr := 80.0, 16.0
+		if i%2 == 0 {
+			hr, rr = 131, 25
+		}
+		sent := time.Now()
+		v, _ := proto.Marshal(&vigilv1.SampleBatch{Tenant: "t", Patient: "p", IngestTimeMs: sent.UnixMilli(), Samples: []*vigilv1.Sample{
+			{Metric: "heart_rate", Value: hr, EventTimeMs: at}, {Metric: "respiratory_rate", Value: rr, EventTimeMs: at},
+		}})
+		if err := prod.ProduceSync(context.Background(), &kgo.Record{Topic: cfg.Kafka.Topics.Samples, Key: []byte("t/p"), Value: v}).FirstErr(); err != nil {
+			b.Fatal(err)
+		}
+		pctx, pcancel := context.WithTimeout(context.Background(), 10*time.Second)
+		for got := 0; got == 0 && pctx.Err() == nil; {
+			got = alerts.PollFetches(pctx).NumRecords()
+		}
+		pcancel()
+		lats = append(lats, time.Since(sent))
+	}
+	b.StopTimer()
+	slices.Sort(lats)
+	b.ReportMetric(float64(lats[len(lats)/2].Microseconds())/1000, "p50-ms")
+	b.ReportMetric(float64(lats[len(lats)*99/100].Microseconds())/1000, "p99-ms")
+}
