@@ -153,7 +153,7 @@ func TestEndToEndKnownVitals(t *testing.T) {
 	// count 4, mean (118+122+126+131)/4 = 124.25, min 118, max 131, last 131.
 	waitCount(t, conn, "SELECT count() FROM features WHERE patient = 'p-001' AND metric = 'heart_rate'", 1, 30*time.Second)
 	var (
-		count                 uint64
+		count                  uint64
 		mean, minV, maxV, last float64
 	)
 	err = conn.QueryRow(context.Background(), `SELECT count, mean, min, max, last FROM features FINAL

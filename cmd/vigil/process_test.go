@@ -202,10 +202,19 @@ func TestRunSimulateStopRestart(t *testing.T) {
 		}
 	}
 
+	// Let the simulation run on, with its status lines, then stop it in the
+	// middle.
+	for i := 0; !strings.Contains(p.out.String(), "status:"); i++ {
+		if i > 100 {
+			t.Fatal("no status line in the output of vigil run within 10 s")
+		}
+		time.Sleep(100 * time.Millisecond)
+	}
+	time.Sleep(5 * time.Second)
 	took := p.stop(t, 20*time.Second)
 	t.Logf("stopped in %s after SIGTERM", took.Round(time.Millisecond))
-	if !strings.Contains(p.out.String(), "status:") {
-		t.Errorf("no status line in the output of vigil run")
+	if took > 5*time.Second {
+		t.Errorf("vigil run took %s to stop after SIGTERM; want a few seconds", took)
 	}
 	time.Sleep(500 * time.Millisecond)
 

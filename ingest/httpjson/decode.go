@@ -83,6 +83,15 @@ const (
 	statusTooLarge   = 413
 )
 
+// release drops the decoder's references into the last body, so that a
+// pooled decoder does not keep a request body alive.
+func (d *decoder) release() {
+	clear(d.b.samples)
+	d.b = body{samples: d.b.samples[:0]}
+	d.rd = bytes.Buffer{}
+	d.dec.Reset(&d.rd)
+}
+
 // decode parses data (the whole request body) into d.b. The result aliases
 // data and d, valid until the next decode. At most maxSamples samples are
 // accepted; more refuse the whole body.

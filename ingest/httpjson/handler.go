@@ -166,7 +166,10 @@ func (h *Handler) serve(w http.ResponseWriter, r *http.Request) int {
 		return h.refuseBody(w, r, tooLarge, data, "", now)
 	}
 	d := h.pool.Get().(*decoder)
-	defer h.pool.Put(d)
+	defer func() {
+		d.release()
+		h.pool.Put(d)
+	}()
 	b, berr := d.decode(data, h.maxSamples)
 	if berr != nil {
 		return h.refuseBody(w, r, berr, data, "", now)

@@ -486,5 +486,3 @@ func BenchmarkHandler(b *testing.B) {
 	})
 	b.ReportMetric(float64(b.N)*1000/b.Elapsed().Seconds(), "samples/s")
 }
-
-

@@ -14,6 +14,7 @@ import (
 	"fmt"
 	"io"
 	"net"
+	"net/url"
 	"os"
 	"path/filepath"
 	"reflect"
@@ -56,8 +57,9 @@ type Kafka struct {
 	// broker (kfake) at Embedded.Listen and use it.
 	Brokers  []string      `yaml:"brokers"`
 	Embedded EmbeddedKafka `yaml:"embedded"`
-	ClientID string        `yaml:"client_id"`
-	Topics   Topics        `yaml:"topics"`
+	// ClientID names Vigil's Kafka clients in broker logs and quotas.
+	ClientID string `yaml:"client_id"`
+	Topics   Topics `yaml:"topics"`
 	// Partitions is the partition count of topics Vigil creates.
 	Partitions int32 `yaml:"partitions"`
 	// ReplicationFactor of topics Vigil creates; -1 means the broker default.
@@ -79,13 +81,20 @@ type EmbeddedKafka struct {
 
 // Topics names every topic (DESIGN.md defaults).
 type Topics struct {
-	Samples    string `yaml:"samples"`
+	// Samples carries canonical sample batches, keyed tenant/patient.
+	Samples string `yaml:"samples"`
+	// DeadLetter carries every refusal with its reason and raw bytes.
 	DeadLetter string `yaml:"deadletter"`
-	Features   string `yaml:"features"`
-	Scores     string `yaml:"scores"`
-	Alerts     string `yaml:"alerts"`
-	Imaging    string `yaml:"imaging"`
-	Audit      string `yaml:"audit"`
+	// Features carries closed windows' features, keyed tenant/patient.
+	Features string `yaml:"features"`
+	// Scores carries early-warning and model scores, keyed tenant/patient.
+	Scores string `yaml:"scores"`
+	// Alerts carries alert lifecycle events, keyed tenant/patient.
+	Alerts string `yaml:"alerts"`
+	// Imaging carries imaging findings, keyed tenant/patient.
+	Imaging string `yaml:"imaging"`
+	// Audit carries who did what to which data, keyed tenant.
+	Audit string `yaml:"audit"`
 	// State is the stream engine's compacted changelog.
 	State string `yaml:"state"`
 }
@@ -94,11 +103,14 @@ type Topics struct {
 type ClickHouse struct {
 	// Addr is host:port of the native protocol. Empty means: start a local
 	// clickhouse-server child process (see Local) and use it.
-	Addr     string     `yaml:"addr"`
-	Database string     `yaml:"database"`
-	Username string     `yaml:"username"`
-	Password string     `yaml:"password"`
-	Local    LocalClick `yaml:"local"`
+	Addr string `yaml:"addr"`
+	// Database holds Vigil's tables; migrations create it.
+	Database string `yaml:"database"`
+	// Username and Password authenticate to ClickHouse.
+	Username string `yaml:"username"`
+	Password string `yaml:"password"`
+	// Local configures the child server started when Addr is empty.
+	Local LocalClick `yaml:"local"`
 	// DialTimeout bounds connecting; queries take their context's deadline.
 	DialTimeout time.Duration `yaml:"dial_timeout"`
 }
@@ -106,16 +118,19 @@ type ClickHouse struct {
 // LocalClick configures the child clickhouse-server.
 type LocalClick struct {
 	// Binary is the clickhouse-server executable.
-	Binary     string `yaml:"binary"`
+	Binary string `yaml:"binary"`
+	// ListenHost is the address the child server binds (loopback by default).
 	ListenHost string `yaml:"listen_host"`
-	TCPPort    int    `yaml:"tcp_port"`
-	HTTPPort   int    `yaml:"http_port"`
+	// TCPPort (native protocol) and HTTPPort of the child server.
+	TCPPort  int `yaml:"tcp_port"`
+	HTTPPort int `yaml:"http_port"`
 	// StartTimeout bounds waiting for the server to answer.
 	StartTimeout time.Duration `yaml:"start_timeout"`
 }
 
 // HTTP configures the HTTP API (ingest, health, metrics).
 type HTTP struct {
+	// Listen is the HTTP API's host:port (port 0 picks a free one).
 	Listen string `yaml:"listen"`
 	// MaxBodyBytes bounds a request body.
 	MaxBodyBytes int64 `yaml:"max_body_bytes"`
@@ -187,9 +202,11 @@ type Sink struct {
 
 // Simulator configures `vigil simulate` and `vigil run --simulate`.
 type Simulator struct {
+	// Enabled runs the simulator inside `vigil run` (--simulate sets it).
 	Enabled bool `yaml:"enabled"`
 	// Target is the base URL of the ingest HTTP API.
 	Target string `yaml:"target"`
+	// Tenant is the tenant id the simulated patients belong to.
 	Tenant string `yaml:"tenant"`
 	// Beds, Wearables and Deteriorating count the simulated patients.
 	Beds          int `yaml:"beds"`
@@ -197,9 +214,24 @@ type Simulator struct {
 	Deteriorating int `yaml:"deteriorating"`
 	// Speed multiplies simulated time (1 = real time).
 	Speed float64 `yaml:"speed"`
-	Seed  int64   `yaml:"seed"`
+	// Seed makes a run reproducible: the same seed plays the same patients.
+	Seed int64 `yaml:"seed"`
 	// Duration stops the simulator after this long (0 = until stopped).
 	Duration time.Duration `yaml:"duration"`
+	// PreRoll is how much simulated history is sent at start, at once, like
+	// a gateway flushing its buffer (so that event-time windows close
+	// early), counted back from the start and then to the start of that
+	// minute; 0 sends none.
+	PreRoll time.Duration `yaml:"pre_roll"`
+	// RequestTimeout bounds one POST to the ingest endpoint.
+	RequestTimeout time.Duration `yaml:"request_timeout"`
+	// RetryMax caps the exponential backoff between retries of a request
+	// that failed with a 5xx or a connection error.
+	RetryMax time.Duration `yaml:"retry_max"`
+	// MaxLag bounds how far behind real time the simulator catches up after
+	// the endpoint was unreachable; older simulated data is dropped
+	// (counted in vigil_simulator_samples_dropped_total).
+	MaxLag time.Duration `yaml:"max_lag"`
 }
 
 // Status configures the periodic one-line status.
@@ -272,13 +304,17 @@ func Default() Config {
 			DrainTimeout:  30 * time.Second,
 		},
 		Simulator: Simulator{
-			Target:        "http://127.0.0.1:8080",
-			Tenant:        "demo",
-			Beds:          8,
-			Wearables:     4,
-			Deteriorating: 2,
-			Speed:         1,
-			Seed:          1,
+			Target:         "http://127.0.0.1:8080",
+			Tenant:         "demo",
+			Beds:           8,
+			Wearables:      4,
+			Deteriorating:  2,
+			Speed:          1,
+			Seed:           1,
+			PreRoll:        2 * time.Minute,
+			RequestTimeout: 10 * time.Second,
+			RetryMax:       5 * time.Second,
+			MaxLag:         10 * time.Minute,
 		},
 		Status: Status{Interval: 5 * time.Second},
 	}
@@ -511,6 +547,12 @@ func (c *Config) Validate() error {
 	if c.Ingest.DeadLetterRawLimit < 0 {
 		bad("ingest.deadletter_raw_limit", "must not be negative")
 	}
+	if c.Ingest.BackfillAge < 0 {
+		bad("ingest.backfill_age", "must not be negative")
+	}
+	if c.Ingest.MaxAge < 0 {
+		bad("ingest.max_age", "must not be negative")
+	}
 	if c.Stream.Group == "" {
 		bad("stream.group", "must not be empty")
 	}
@@ -558,6 +600,27 @@ func (c *Config) Validate() error {
 	}
 	if c.Simulator.Speed <= 0 {
 		bad("simulator.speed", "must be positive")
+	}
+	if u, err := url.Parse(c.Simulator.Target); err != nil || (u.Scheme != "http" && u.Scheme != "https") || u.Host == "" {
+		bad("simulator.target", "%q is not an http(s) URL", c.Simulator.Target)
+	}
+	if c.Simulator.Tenant == "" || strings.ContainsAny(c.Simulator.Tenant, "/ \t\n") {
+		bad("simulator.tenant", "%q must be set, without '/' or spaces", c.Simulator.Tenant)
+	}
+	if c.Simulator.Duration < 0 {
+		bad("simulator.duration", "must not be negative")
+	}
+	if c.Simulator.PreRoll < 0 {
+		bad("simulator.pre_roll", "must not be negative")
+	}
+	if c.Simulator.RequestTimeout <= 0 {
+		bad("simulator.request_timeout", "must be positive")
+	}
+	if c.Simulator.RetryMax <= 0 {
+		bad("simulator.retry_max", "must be positive")
+	}
+	if c.Simulator.MaxLag < time.Second {
+		bad("simulator.max_lag", "must be at least 1s, got %s", c.Simulator.MaxLag)
 	}
 	if c.Status.Interval < 0 {
 		bad("status.interval", "must not be negative")

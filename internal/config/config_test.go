@@ -92,3 +92,20 @@ func TestStreamValidationNamesFields(t *testing.T) {
 		t.Errorf("stream defaults: %+v", c.Stream)
 	}
 }
+
+func TestSimulatorAndIngestValidationNamesFields(t *testing.T) {
+	_, err := Load("", nil, []string{"simulator.target=ftp://x", "simulator.pre_roll=-1s", "simulator.request_timeout=0s",
+		"simulator.retry_max=0s", "simulator.max_lag=0s", "simulator.tenant=a/b", "ingest.max_age=-1h", "ingest.backfill_age=-1h"})
+	if err == nil {
+		t.Fatal("invalid simulator/ingest settings accepted")
+	}
+	for _, field := range []string{"simulator.target", "simulator.pre_roll", "simulator.request_timeout", "simulator.retry_max",
+		"simulator.max_lag", "simulator.tenant", "ingest.max_age", "ingest.backfill_age"} {
+		if !strings.Contains(err.Error(), field) {
+			t.Errorf("error %q does not name %s", err, field)
+		}
+	}
+	if c := Default(); c.Simulator.PreRoll != 2*time.Minute || c.Simulator.MaxLag < c.Simulator.PreRoll {
+		t.Errorf("simulator defaults: %+v", c.Simulator)
+	}
+}
