@@ -244,7 +244,7 @@ func serverConfig(dir string, o Options) string {
   <uncompressed_cache_size>268435456</uncompressed_cache_size>
   <max_concurrent_queries>200</max_concurrent_queries>
   <max_connections>1024</max_connections>
-  <keep_alive_timeout>10</keep_alive_timeout>
+  <keep_alive_timeout>2</keep_alive_timeout>
 </yandex>
 `, dir, o.ListenHost, o.TCPPort, o.HTTPPort)
 }
