@@ -8,7 +8,7 @@ export PATH := $(TOOLS):$(PATH)
 PROTOC_GEN_GO_VERSION := v1.36.12
 STATICCHECK_VERSION := v0.8.2
 # Packages whose tests exercise concurrency; run under -race in `make test`.
-RACE_PKGS := ./internal/... ./ingest/... ./stream/... ./sinks/... ./features/... ./detectors/...
+RACE_PKGS := ./internal/... ./ingest/... ./stream/... ./sinks/... ./features/... ./detectors/... ./simulator/... ./cmd/...
 
 .PHONY: all deps tools generate build run test test-unit test-race bench lint vet fmt clean
 

@@ -163,8 +163,13 @@ func (s *Simulator) Run(ctx context.Context) error {
 			return nil
 		case <-t.C:
 		}
-		elapsed := s.clock.Now().Sub(wallStart)
-		target := wallStart.Add(time.Duration(float64(elapsed) * s.cfg.Speed))
+		// Simulated time never runs ahead of the wall clock: ingest rightly
+		// refuses measurements from the future.
+		now := s.clock.Now()
+		target := wallStart.Add(time.Duration(float64(now.Sub(wallStart)) * s.cfg.Speed))
+		if target.After(now) {
+			target = now
+		}
 		s.catchUp(ctx, ward, sn, target)
 	}
 }
@@ -194,14 +199,26 @@ func (s *Simulator) catchUp(ctx context.Context, w *Ward, sn *sendState, target 
 	for !w.Now().After(target) && ctx.Err() == nil {
 		sn.buf = w.Step(sn.buf)
 		if len(sn.buf) >= MaxRequestSamples {
-			s.send(ctx, sn)
-			sn.buf = sn.buf[:0]
+			s.sendChunks(ctx, sn)
 		}
 	}
 	if len(sn.buf) > 0 && ctx.Err() == nil {
-		s.send(ctx, sn)
+		s.sendChunks(ctx, sn)
 	}
 	sn.buf = sn.buf[:0]
+}
+
+// sendChunks sends sn.buf in requests of at most MaxRequestSamples (one
+// simulated second of a large ward can hold more) and empties it.
+func (s *Simulator) sendChunks(ctx context.Context, sn *sendState) {
+	all := sn.buf
+	for rest := all; len(rest) > 0 && ctx.Err() == nil; {
+		n := min(len(rest), MaxRequestSamples)
+		sn.buf = rest[:n]
+		s.send(ctx, sn)
+		rest = rest[n:]
+	}
+	sn.buf = all[:0]
 }
 
 // send posts sn.buf as one request, retrying 5xx answers and connection

@@ -212,7 +212,9 @@ type Simulator struct {
 	Beds          int `yaml:"beds"`
 	Wearables     int `yaml:"wearables"`
 	Deteriorating int `yaml:"deteriorating"`
-	// Speed multiplies simulated time (1 = real time).
+	// Speed multiplies simulated time (1 = real time; below 1 slows it).
+	// Simulated time never runs ahead of the wall clock, as ingest refuses
+	// measurements from the future; for more load, raise beds.
 	Speed float64 `yaml:"speed"`
 	// Seed makes a run reproducible: the same seed plays the same patients.
 	Seed int64 `yaml:"seed"`
