@@ -5,6 +5,7 @@ import (
 	"context"
 	"fmt"
 	"io"
+	"log/slog"
 	"net/http"
 	"sort"
 	"sync"
@@ -30,7 +31,7 @@ import (
 // consumer receiving the alert.
 func BenchmarkAcceptToAlert(b *testing.B) {
 	brokerAddr, chAddr := testenv.Kafka(b), testenv.ClickHouse(b)
-	base, p := startPlatformB(b, brokerAddr, chAddr)
+	base, p := startPlatform(b, brokerAddr, chAddr, slog.New(slog.DiscardHandler))
 
 	cl, err := kgo.NewClient(kgo.SeedBrokers(brokerAddr), kgo.ConsumeTopics(p.cfg.Kafka.Topics.Alerts),
 		kgo.ConsumeResetOffset(kgo.NewOffset().AtEnd()), kgo.FetchIsolationLevel(kgo.ReadCommitted()),
@@ -118,26 +119,4 @@ func BenchmarkAcceptToAlert(b *testing.B) {
 	sort.Float64s(lat)
 	b.ReportMetric(lat[len(lat)/2], "p50_ms")
 	b.ReportMetric(lat[(len(lat)*99)/100], "p99_ms")
-}
-
-// startPlatformB is startPlatform for benchmarks.
-func startPlatformB(b *testing.B, brokerAddr, chAddr string) (string, *platform) {
-	b.Helper()
-	cfg := testenv.Config(b, brokerAddr, chAddr)
-	env := &cliEnv{cfg: cfg, log: discardLogger(), stdout: io.Discard, stderr: io.Discard}
-	p := newPlatform(env)
-	ctx, cancel := context.WithCancel(context.Background())
-	if err := p.startInfra(ctx, false); err != nil {
-		b.Fatal(err)
-	}
-	if err := p.addStages(ctx, true, true, true); err != nil {
-		b.Fatal(err)
-	}
-	done := make(chan error, 1)
-	go func() { done <- p.runner.Run(ctx) }()
-	b.Cleanup(func() {
-		cancel()
-		<-done
-	})
-	return "http://" + p.cfg.HTTP.Listen, p
 }

@@ -4,8 +4,8 @@ import (
 	"bytes"
 	"context"
 	"encoding/json"
-	"fmt"
 	"io"
+	"log/slog"
 	"math"
 	"net/http"
 	"testing"
@@ -22,33 +22,30 @@ import (
 func TestMain(m *testing.M) { testenv.Main(m) }
 
 // startPlatform runs ingest, stream and sink in this process against the
-// test broker and ClickHouse, and returns the HTTP base URL.
-func startPlatform(t *testing.T, brokerAddr, chAddr string, mutate func(*cliEnv)) (string, *platform) {
-	t.Helper()
-	cfg := testenv.Config(t, brokerAddr, chAddr)
-	env := &cliEnv{cfg: cfg, log: testenv.Logger(t), stdout: io.Discard, stderr: io.Discard}
-	if mutate != nil {
-		mutate(env)
-	}
-	p := newPlatform(env)
+// test broker and ClickHouse, logging to log, and returns the HTTP base URL.
+// The platform is drained and stopped when the test ends.
+func startPlatform(tb testing.TB, brokerAddr, chAddr string, log *slog.Logger) (string, *platform) {
+	tb.Helper()
+	cfg := testenv.Config(tb, brokerAddr, chAddr)
+	p := newPlatform(&cliEnv{cfg: cfg, log: log, stdout: io.Discard, stderr: io.Discard})
 	ctx, cancel := context.WithCancel(context.Background())
 	if err := p.startInfra(ctx, false); err != nil {
-		t.Fatal(err)
+		tb.Fatal(err)
 	}
 	if err := p.addStages(ctx, true, true, true); err != nil {
-		t.Fatal(err)
+		tb.Fatal(err)
 	}
 	done := make(chan error, 1)
 	go func() { done <- p.runner.Run(ctx) }()
-	t.Cleanup(func() {
+	tb.Cleanup(func() {
 		cancel()
 		select {
 		case err := <-done:
 			if err != nil {
-				t.Errorf("platform stopped with: %v", err)
+				tb.Errorf("platform stopped with: %v", err)
 			}
 		case <-time.After(60 * time.Second):
-			t.Error("platform did not stop within 60s")
+			tb.Error("platform did not stop within 60s")
 		}
 	})
 	return "http://" + p.cfg.HTTP.Listen, p
@@ -100,7 +97,7 @@ func waitCount(t *testing.T, conn driver.Conn, query string, want uint64, timeou
 // against values computed by hand and the published NEWS2 chart.
 func TestEndToEndKnownVitals(t *testing.T) {
 	brokerAddr, chAddr := testenv.Kafka(t), testenv.ClickHouse(t)
-	base, p := startPlatform(t, brokerAddr, chAddr, nil)
+	base, p := startPlatform(t, brokerAddr, chAddr, testenv.Logger(t))
 
 	// Minute [t0, t0+60s): a deteriorating patient. All in canonical units
 	// except the temperature, sent in °F.
@@ -207,7 +204,7 @@ func TestEndToEndKnownVitals(t *testing.T) {
 // on the dead-letter topic with reasons, and the valid samples kept.
 func TestBadBatch(t *testing.T) {
 	brokerAddr, chAddr := testenv.Kafka(t), testenv.ClickHouse(t)
-	base, p := startPlatform(t, brokerAddr, chAddr, nil)
+	base, p := startPlatform(t, brokerAddr, chAddr, testenv.Logger(t))
 	now := time.Now().UnixMilli()
 	code, body := postSamples(t, base, map[string]any{
 		"tenant": "st-mary", "patient": "p-002", "device": "bed-2",
@@ -269,5 +266,4 @@ func TestBadBatch(t *testing.T) {
 	if n := waitCount(t, conn, "SELECT count() FROM dead_letters WHERE patient = 'p-002'", 3, 30*time.Second); n != 3 {
 		t.Errorf("dead letters in clickhouse: %d, want 3", n)
 	}
-	_ = fmt.Sprint()
 }

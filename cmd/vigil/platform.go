@@ -122,5 +122,3 @@ func (p *platform) ensureDataDir() error {
 	}
 	return nil
 }
-
-func discardLogger() *slog.Logger { return slog.New(slog.DiscardHandler) }
