@@ -28,6 +28,9 @@ import (
 // not store: undecodable, or refused by ClickHouse.
 const ReasonSinkRejected = "sink_rejected"
 
+// errClosed stops retry loops when Close was called under a running Run.
+var errClosed = errors.New("clickhouse sink closed")
+
 // deadLetterKey keys the sink's dead letters (the topic is keyed by source).
 var deadLetterKey = []byte("sink")
 
@@ -348,6 +351,9 @@ func (s *Sink) insertEntries(ctx context.Context, t *table, es []*entry) error {
 		if ctx.Err() != nil {
 			return ctx.Err()
 		}
+		if s.closing.Load() {
+			return errClosed
+		}
 		if IsRetriable(err) {
 			s.met.retries.WithLabelValues(t.name()).Inc()
 			delay := s.backoff(attempt)
@@ -450,6 +456,9 @@ func (s *Sink) deadLetter(ctx context.Context, t *table, e *entry) error {
 			}
 			if ctx.Err() != nil {
 				return ctx.Err()
+			}
+			if s.closing.Load() {
+				return errClosed
 			}
 			delay := s.backoff(attempt)
 			s.log.Warn("producing dead letter failed, retrying", "topic", s.cfg.Kafka.Topics.DeadLetter, "retry_in", delay, "err", err)

@@ -750,3 +750,50 @@ func TestIsRetriable(t *testing.T) {
 }
 
 func testDeps(t *testing.T) stage.Deps { return stage.Deps{Log: testenv.Logger(t)} }
+
+// TestSinkTwoInstancesRebalance runs a second sink in the same group while
+// the first is working: partitions move between them (the first stores and
+// commits what it read before giving them up), and every sample is stored
+// exactly once, even counted without FINAL.
+func TestSinkTwoInstancesRebalance(t *testing.T) {
+	e := newEnv(t)
+	cfg := e.cfg
+	cfg.Sink.BatchRows = 50
+	cfg.Sink.BatchInterval = time.Second
+	produce := func(from, to int) []*vigilv1.SampleBatch {
+		var bs []*vigilv1.SampleBatch
+		msgs := make([]proto.Message, 0, to-from)
+		for i := from; i < to; i++ {
+			b := sampleBatch(fmt.Sprintf("p-%02d", i%12), fmt.Sprintf("d-%02d", i%12), uint64(i*10), 10, t0+int64(i)*10000)
+			bs = append(bs, b)
+			msgs = append(msgs, b)
+		}
+		e.produce(cfg.Kafka.Topics.Samples, msgs...)
+		return bs
+	}
+	all := produce(0, 100)
+	a := e.start(cfg)
+	e.waitCount("SELECT count() FROM samples", 100, 30*time.Second)
+	b := e.start(cfg)
+	all = append(all, produce(100, 200)...)
+	e.waitCount("SELECT count() FROM samples FINAL", 2000, 30*time.Second)
+	e.waitCommitted(15*time.Second, cfg.Kafka.Topics.Samples)
+	all = append(all, produce(200, 250)...)
+	e.waitCount("SELECT count() FROM samples FINAL", 2500, 30*time.Second)
+	e.waitCommitted(15*time.Second, cfg.Kafka.Topics.Samples)
+	if err := b.stop(t); err != nil {
+		t.Fatal(err)
+	}
+	if err := a.stop(t); err != nil {
+		t.Fatal(err)
+	}
+	if n := e.count("SELECT count() FROM samples"); n != 2500 {
+		t.Errorf("samples = %d rows, want 2500 (no duplicate across the rebalance)", n)
+	}
+	ra, rb := a.metric(t, "vigil_sink_rows_inserted_total", "samples"), b.metric(t, "vigil_sink_rows_inserted_total", "samples")
+	t.Logf("rows inserted: first sink %v, second sink %v", ra, rb)
+	if rb == 0 {
+		t.Errorf("the second sink stored nothing: no partition moved to it")
+	}
+	checkSamples(t, e, all)
+}

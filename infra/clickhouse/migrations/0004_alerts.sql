@@ -2,7 +2,8 @@
 -- resolved, suppressed), from topic vigil.alerts.v1. explanation holds the
 -- score that drove the transition as protobuf JSON (field names as in the
 -- .proto), so every alert stays explainable from the table alone:
---   JSONExtractString(explanation, 'ruleset_hash').
+--   visitParamExtractString(explanation, 'ruleset_hash') (any version),
+--   JSONExtractString(explanation, 'ruleset_hash') (19.x and newer).
 CREATE TABLE IF NOT EXISTS {{.DB}}.alerts
 (
     event_id               String,
