@@ -71,8 +71,20 @@ func (p *platform) addStages(ctx context.Context, ingest, streamStage, sink bool
 			return fmt.Errorf("creating clickhouse sink: %w", err)
 		}
 		p.runner.AddStage("sink", s)
+		if p.http != nil {
+			p.http.AddCheck("clickhouse", p.pingClickHouse)
+		}
 	}
 	return nil
+}
+
+// pingClickHouse is the readiness check of the ClickHouse the sink writes to.
+func (p *platform) pingClickHouse(ctx context.Context) error {
+	conn, err := chsink.Open(ctx, p.cfg.ClickHouse)
+	if err != nil {
+		return err
+	}
+	return conn.Close()
 }
 
 // addIngest registers the HTTP server with the ingest handler.
@@ -94,6 +106,7 @@ func (p *platform) addIngest() error {
 		return fmt.Errorf("creating http ingest: %w", err)
 	}
 	srv.Mount("POST /v1/samples", h)
+	p.http = srv
 	srv.AddCheck("kafka", pub.Ping)
 	p.runner.AddStage("http", srv)
 	// The publisher outlives the HTTP server (in-flight requests publish

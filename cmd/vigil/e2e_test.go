@@ -8,6 +8,7 @@ import (
 	"log/slog"
 	"math"
 	"net/http"
+	"strings"
 	"testing"
 	"time"
 
@@ -120,6 +121,16 @@ func TestEndToEndKnownVitals(t *testing.T) {
 	// A sample in the next minute, past the out-of-orderness bound, closes
 	// the first window (same SpO2, so the score's inputs do not change).
 	add("spo2", 93, "%", t0+70000)
+
+	resp, err := http.Get(base + "/readyz")
+	if err != nil {
+		t.Fatal(err)
+	}
+	ready, _ := io.ReadAll(resp.Body)
+	resp.Body.Close()
+	if resp.StatusCode != 200 || !strings.Contains(string(ready), `"name":"clickhouse","ok":true`) || !strings.Contains(string(ready), `"name":"kafka","ok":true`) {
+		t.Errorf("/readyz: %d %s", resp.StatusCode, ready)
+	}
 
 	code, body := postSamples(t, base, map[string]any{
 		"tenant": "st-mary", "patient": "p-001", "device": "bed-7", "samples": samples,

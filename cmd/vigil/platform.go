@@ -19,6 +19,7 @@ import (
 	"github.com/vigilhealth/vigil/internal/chserver"
 	"github.com/vigilhealth/vigil/internal/clock"
 	"github.com/vigilhealth/vigil/internal/config"
+	"github.com/vigilhealth/vigil/internal/httpserver"
 	"github.com/vigilhealth/vigil/internal/runner"
 	"github.com/vigilhealth/vigil/internal/stage"
 )
@@ -35,6 +36,8 @@ type platform struct {
 	chHTTP string
 	// statusOut receives the periodic status line.
 	statusOut io.Writer
+	// http is the HTTP server, when this process serves one.
+	http *httpserver.Server
 }
 
 func newPlatform(env *cliEnv) *platform {
