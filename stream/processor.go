@@ -621,7 +621,7 @@ func (s *session) commit() error {
 	m.features.Add(float64(s.nFeatures))
 	m.scores.Add(float64(s.nScores))
 	for t, n := range s.nAlerts {
-		m.alerts.WithLabelValues(alertTypeLabel(t)).Add(float64(n))
+		m.alerts.WithLabelValues(t.Label()).Add(float64(n))
 	}
 	for r, n := range s.nDeadBy {
 		m.deadLetters.WithLabelValues(r).Add(float64(n))
@@ -636,23 +636,6 @@ func (s *session) commit() error {
 	return nil
 }
 
-func alertTypeLabel(t vigilv1.AlertEventType) string {
-	switch t {
-	case vigilv1.AlertEventType_ALERT_EVENT_RAISED:
-		return "raised"
-	case vigilv1.AlertEventType_ALERT_EVENT_RESOLVED:
-		return "resolved"
-	case vigilv1.AlertEventType_ALERT_EVENT_RECHECKED:
-		return "rechecked"
-	case vigilv1.AlertEventType_ALERT_EVENT_ESCALATED:
-		return "escalated"
-	case vigilv1.AlertEventType_ALERT_EVENT_ACKNOWLEDGED:
-		return "acknowledged"
-	case vigilv1.AlertEventType_ALERT_EVENT_SUPPRESSED:
-		return "suppressed"
-	}
-	return "unspecified"
-}
 
 // rollback rebuilds the state of the given partitions (those still owned)
 // from the changelog, after an abort rewound their input.

@@ -23,7 +23,6 @@ import (
 	"fmt"
 	"log/slog"
 	"net"
-	"strings"
 	"sync"
 	"sync/atomic"
 	"syscall"
@@ -111,17 +110,6 @@ func Classify(err error) bool {
 	// Anything else from the client (dial errors, broker gone) is about
 	// reaching Kafka, not about the data.
 	return true
-}
-
-// SourceName is the lowercase name of an ingest source ("http", "mllp",
-// "mqtt", "fhir", "replay", "simulator"; "unspecified" for 0): the key of
-// dead letters and the source label of metrics.
-func SourceName(s vigilv1.Source) string {
-	n, ok := vigilv1.Source_name[int32(s)]
-	if !ok {
-		return "unknown"
-	}
-	return strings.ToLower(strings.TrimPrefix(n, "SOURCE_"))
 }
 
 // Publisher writes sample batches and dead letters to Kafka. It is safe for
@@ -310,7 +298,7 @@ func (p *Publisher) Publish(ctx context.Context, batches []*vigilv1.SampleBatch)
 		}
 	}
 	onAck := func(i int) {
-		src := SourceName(metas[i].source)
+		src := metas[i].source.Label()
 		p.m.batches.WithLabelValues(src).Inc()
 		p.m.accepted.WithLabelValues(src).Add(float64(metas[i].samples))
 	}
@@ -390,10 +378,10 @@ func (p *Publisher) DeadLetter(ctx context.Context, letters []*vigilv1.DeadLette
 			p.m.failures.WithLabelValues("deadletter", "permanent").Inc()
 			return &Error{Op: op, Err: fmt.Errorf("encoding dead letter: %w", err)}
 		}
-		recs = append(recs, &kgo.Record{Topic: p.dead, Key: []byte(SourceName(l.Source)), Value: val})
+		recs = append(recs, &kgo.Record{Topic: p.dead, Key: []byte(l.Source.Label()), Value: val})
 	}
 	onAck := func(i int) {
-		p.m.dead.WithLabelValues(SourceName(letters[i].Source), letters[i].Reason).Inc()
+		p.m.dead.WithLabelValues(letters[i].Source.Label(), letters[i].Reason).Inc()
 	}
 	err := p.produce(ctx, recs, onAck)
 	p.m.latency.Observe(time.Since(start).Seconds())

@@ -266,14 +266,6 @@ func TestClassify(t *testing.T) {
 	}
 }
 
-func TestSourceName(t *testing.T) {
-	for s, want := range map[vigilv1.Source]string{vigilv1.Source_SOURCE_HTTP: "http", vigilv1.Source_SOURCE_MLLP: "mllp",
-		vigilv1.Source_SOURCE_SIMULATOR: "simulator", vigilv1.Source(99): "unknown"} {
-		if got := SourceName(s); got != want {
-			t.Errorf("SourceName(%v) = %q, want %q", s, got, want)
-		}
-	}
-}
 
 func TestTwoPublishersShareMetrics(t *testing.T) {
 	broker := testenv.Kafka(t)

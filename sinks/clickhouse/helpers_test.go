@@ -292,6 +292,40 @@ func (e *env) waitCommitted(timeout time.Duration, topics ...string) {
 	}
 }
 
+// waitMembers waits until the sink group has n members that each hold at
+// least one partition, so that a test knows a rebalance has finished.
+func (e *env) waitMembers(n int, timeout time.Duration) {
+	e.t.Helper()
+	cl, err := kgo.NewClient(kgo.SeedBrokers(e.broker))
+	if err != nil {
+		e.t.Fatal(err)
+	}
+	defer cl.Close()
+	adm := kadm.NewClient(cl)
+	deadline := time.Now().Add(timeout)
+	for {
+		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+		groups, err := adm.DescribeGroups(ctx, e.cfg.Sink.Group)
+		cancel()
+		if err == nil {
+			g := groups[e.cfg.Sink.Group]
+			holding := 0
+			for _, m := range g.Members {
+				if a, ok := m.Assigned.AsConsumer(); ok && len(a.Topics) > 0 {
+					holding++
+				}
+			}
+			if g.State == "Stable" && holding == n {
+				return
+			}
+		}
+		if time.Now().After(deadline) {
+			e.t.Fatalf("sink group did not settle with %d members holding partitions within %s (err %v)", n, timeout, err)
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+}
+
 const t0 = int64(1_763_900_000_123) // 2025-11-23T12:13:20.123Z
 
 var metrics = []struct{ id, unit, code string }{

@@ -106,21 +106,12 @@ func unmarshal(value []byte, m proto.Message, name string) error {
 	return nil
 }
 
-// enumName turns SOURCE_HTTP into "http" and ALERT_EVENT_RAISED into
-// "raised"; the zero value becomes "".
-func enumName(s fmt.Stringer, number int32, prefix string) string {
-	if number == 0 {
-		return ""
-	}
-	return strings.ToLower(strings.TrimPrefix(s.String(), prefix))
-}
-
 func sampleRows(value []byte) ([][]any, error) {
 	var b vigilv1.SampleBatch
 	if err := unmarshal(value, &b, "vigil.v1.SampleBatch"); err != nil {
 		return nil, err
 	}
-	source := enumName(b.GetSource(), int32(b.GetSource()), "SOURCE_")
+	source := b.GetSource().Label()
 	rows := make([][]any, 0, len(b.GetSamples()))
 	for i, s := range b.GetSamples() {
 		et, err := dateTime(s.GetEventTimeMs(), fmt.Sprintf("samples[%d].event_time_ms", i))
@@ -145,7 +136,7 @@ func featureRows(value []byte) ([][]any, error) {
 	if err != nil {
 		return nil, err
 	}
-	kind := enumName(w.GetKind(), int32(w.GetKind()), "WINDOW_KIND_")
+	kind := w.GetKind().Label()
 	rows := make([][]any, 0, len(w.GetFeatures()))
 	for _, f := range w.GetFeatures() {
 		// Derived features in name order, so a redelivery is the same row.
@@ -247,7 +238,7 @@ func alertRows(value []byte) ([][]any, error) {
 	sc := a.GetScore()
 	return [][]any{{
 		a.GetEventId(), a.GetAlertId(), a.GetTenant(), a.GetPatient(),
-		enumName(a.GetType(), int32(a.GetType()), "ALERT_EVENT_"), a.GetRule(), a.GetSeverity(), a.GetReason(),
+		a.GetType().Label(), a.GetRule(), a.GetSeverity(), a.GetReason(),
 		a.GetActor(), a.GetNote(), sc.GetKind(), sc.GetValue(), sc.GetBand(), expl, a.GetRuleset(),
 		a.GetRulesetVersion(), a.GetRulesetHash(), et, a.GetEventTimeMs(), a.GetEmittedTimeMs(),
 		a.GetTriggerIngestTimeMs(), a.GetTier(),
@@ -273,7 +264,7 @@ func deadLetterRows(value []byte) ([][]any, error) {
 		rt = time.Unix(0, 0).UTC()
 	}
 	return [][]any{{
-		deadLetterID(value), d.GetReason(), d.GetMessage(), enumName(d.GetSource(), int32(d.GetSource()), "SOURCE_"),
+		deadLetterID(value), d.GetReason(), d.GetMessage(), d.GetSource().Label(),
 		d.GetOrigin(), d.GetField(), d.GetTenant(), d.GetPatient(), d.GetDevice(), d.GetMessageId(),
 		d.GetContentType(), rt, d.GetRefusedTimeMs(), string(d.GetRaw()), d.GetRawSize(), boolByte(d.GetRawTruncated()),
 	}}, nil

@@ -775,6 +775,9 @@ func TestSinkTwoInstancesRebalance(t *testing.T) {
 	a := e.start(cfg)
 	e.waitCount("SELECT count() FROM samples", 100, 30*time.Second)
 	b := e.start(cfg)
+	// Produce the rest only once the partitions have been split, so that
+	// the second sink has work whatever the timing.
+	e.waitMembers(2, 30*time.Second)
 	all = append(all, produce(100, 200)...)
 	e.waitCount("SELECT count() FROM samples FINAL", 2000, 30*time.Second)
 	e.waitCommitted(15*time.Second, cfg.Kafka.Topics.Samples)
