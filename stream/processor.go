@@ -636,7 +636,6 @@ func (s *session) commit() error {
 	return nil
 }
 
-
 // rollback rebuilds the state of the given partitions (those still owned)
 // from the changelog, after an abort rewound their input.
 func (s *session) rollback(touched map[int32]bool) error {

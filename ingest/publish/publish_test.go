@@ -266,7 +266,6 @@ func TestClassify(t *testing.T) {
 	}
 }
 
-
 func TestTwoPublishersShareMetrics(t *testing.T) {
 	broker := testenv.Kafka(t)
 	cfg := testenv.Config(t, broker, "")
