@@ -40,7 +40,7 @@ run: deps build
 	./bin/vigil run --simulate
 
 ## test: the whole suite, unit and integration, against real ClickHouse and a kfake broker over TCP.
-test: deps vet test-unit test-race
+test: deps lint test-unit test-race
 
 test-unit:
 	$(GO) test -count=1 -timeout 15m ./...
