@@ -17,25 +17,30 @@ import (
 // cmdRun runs the whole flow in one process.
 func cmdRun(ctx context.Context, env *cliEnv) error {
 	p := newPlatform(env)
-	if err := p.ensureDataDir(); err != nil {
-		return err
-	}
-	if err := p.startInfra(ctx, true); err != nil {
-		_ = p.runner.Close(context.Background())
-		return err
-	}
-	if err := p.addStages(ctx, true, true, true); err != nil {
-		_ = p.runner.Close(context.Background())
-		return err
-	}
-	if p.cfg.Simulator.Enabled {
-		if err := p.addSimulator(); err != nil {
+	return p.serve(ctx,
+		p.ensureDataDir,
+		func() error { return p.startInfra(ctx, true) },
+		func() error { return p.addStages(true, true, true) },
+		func() error {
+			if p.cfg.Simulator.Enabled {
+				return p.addSimulator()
+			}
+			return nil
+		},
+		func() error { p.addStatus(); p.printBanner(env); return nil },
+	)
+}
+
+// serve runs the set-up steps in order; when one fails it closes what the
+// earlier ones started and returns its error. Otherwise it runs the stages
+// until ctx ends (see runner.Run).
+func (p *platform) serve(ctx context.Context, steps ...func() error) error {
+	for _, step := range steps {
+		if err := step(); err != nil {
 			_ = p.runner.Close(context.Background())
 			return err
 		}
 	}
-	p.addStatus()
-	p.printBanner(env)
 	return p.runner.Run(ctx)
 }
 
@@ -52,7 +57,7 @@ func (p *platform) startInfra(ctx context.Context, embedded bool) error {
 }
 
 // addStages registers the chosen stages in flow order (ingest first).
-func (p *platform) addStages(ctx context.Context, ingest, streamStage, sink bool) error {
+func (p *platform) addStages(ingest, streamStage, sink bool) error {
 	if ingest {
 		if err := p.addIngest(); err != nil {
 			return err
@@ -172,45 +177,28 @@ func cmdBroker(ctx context.Context, env *cliEnv) error {
 
 func cmdIngest(ctx context.Context, env *cliEnv) error {
 	p := newPlatform(env)
-	if err := p.startKafka(ctx, false); err != nil {
-		_ = p.runner.Close(context.Background())
-		return err
-	}
-	if err := p.addIngest(); err != nil {
-		_ = p.runner.Close(context.Background())
-		return err
-	}
-	p.log.Info("ingest listening", "http", p.cfg.HTTP.Listen)
-	return p.runner.Run(ctx)
+	return p.serve(ctx,
+		func() error { return p.startKafka(ctx, false) },
+		func() error { return p.addStages(true, false, false) },
+		func() error { p.log.Info("ingest listening", "http", p.cfg.HTTP.Listen); return nil },
+	)
 }
 
 func cmdStream(ctx context.Context, env *cliEnv) error {
 	p := newPlatform(env)
-	if err := p.startKafka(ctx, false); err != nil {
-		_ = p.runner.Close(context.Background())
-		return err
-	}
-	if err := p.addStages(ctx, false, true, false); err != nil {
-		_ = p.runner.Close(context.Background())
-		return err
-	}
-	return p.runner.Run(ctx)
+	return p.serve(ctx,
+		func() error { return p.startKafka(ctx, false) },
+		func() error { return p.addStages(false, true, false) },
+	)
 }
 
 func cmdSink(ctx context.Context, env *cliEnv) error {
 	p := newPlatform(env)
-	if err := p.ensureDataDir(); err != nil {
-		return err
-	}
-	if err := p.startInfra(ctx, false); err != nil {
-		_ = p.runner.Close(context.Background())
-		return err
-	}
-	if err := p.addStages(ctx, false, false, true); err != nil {
-		_ = p.runner.Close(context.Background())
-		return err
-	}
-	return p.runner.Run(ctx)
+	return p.serve(ctx,
+		p.ensureDataDir,
+		func() error { return p.startInfra(ctx, false) },
+		func() error { return p.addStages(false, false, true) },
+	)
 }
 
 func cmdMigrate(ctx context.Context, env *cliEnv) error {

@@ -33,7 +33,7 @@ func startPlatform(tb testing.TB, brokerAddr, chAddr string, log *slog.Logger) (
 	if err := p.startInfra(ctx, false); err != nil {
 		tb.Fatal(err)
 	}
-	if err := p.addStages(ctx, true, true, true); err != nil {
+	if err := p.addStages(true, true, true); err != nil {
 		tb.Fatal(err)
 	}
 	done := make(chan error, 1)
