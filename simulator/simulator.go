@@ -116,10 +116,8 @@ func New(cfg config.Simulator, deps stage.Deps) (*Simulator, error) {
 	s.retries = counter("vigil_simulator_request_retries_total", "Requests retried after a 5xx answer or a connection error.")
 	s.requests = prometheus.NewCounterVec(prometheus.CounterOpts{Name: "vigil_simulator_requests_total",
 		Help: "Requests to the ingest endpoint by answer (HTTP status code, or \"error\" when there was none)."}, []string{"code"})
-	for _, c := range []prometheus.Collector{s.sent, s.accepted, s.refused, s.dropped, s.retries, s.requests} {
-		if err := deps.Metrics.Register(c); err != nil {
-			return nil, fmt.Errorf("registering simulator metrics: %w", err)
-		}
+	if err := stage.Register(deps.Metrics, "simulator metrics", s.sent, s.accepted, s.refused, s.dropped, s.retries, s.requests); err != nil {
+		return nil, err
 	}
 	return s, nil
 }

@@ -1,10 +1,9 @@
 package stream
 
 import (
-	"errors"
-	"fmt"
-
 	"github.com/prometheus/client_golang/prometheus"
+
+	"github.com/vigilhealth/vigil/internal/stage"
 )
 
 // metrics are the stream stage's Prometheus metrics. Counters of outputs
@@ -66,15 +65,9 @@ func newMetrics(reg prometheus.Registerer) (*metrics, error) {
 			Name: "vigil_stream_patients", Help: "Patients whose state this processor holds.",
 		}),
 	}
-	var errs []error
-	for _, c := range []prometheus.Collector{m.samples, m.features, m.scores, m.alerts, m.late, m.deadLetters,
-		m.transactions, m.aborts, m.restarts, m.commitTime, m.restoreTime, m.patients} {
-		if err := reg.Register(c); err != nil {
-			errs = append(errs, err)
-		}
-	}
-	if err := errors.Join(errs...); err != nil {
-		return nil, fmt.Errorf("registering stream metrics: %w", err)
+	if err := stage.Register(reg, "stream metrics", m.samples, m.features, m.scores, m.alerts, m.late, m.deadLetters,
+		m.transactions, m.aborts, m.restarts, m.commitTime, m.restoreTime, m.patients); err != nil {
+		return nil, err
 	}
 	return m, nil
 }

@@ -112,10 +112,8 @@ func New(cfg config.Config, deps stage.Deps, pub Publisher) (*Handler, error) {
 		Help:    "Time to answer POST /v1/samples, including the Kafka acknowledgement.",
 		Buckets: prometheus.ExponentialBuckets(0.0005, 2.5, 12),
 	})
-	for _, c := range []prometheus.Collector{h.requests, h.received, h.duration} {
-		if err := deps.Metrics.Register(c); err != nil {
-			return nil, fmt.Errorf("registering http ingest metrics: %w", err)
-		}
+	if err := stage.Register(deps.Metrics, "http ingest metrics", h.requests, h.received, h.duration); err != nil {
+		return nil, err
 	}
 	return h, nil
 }

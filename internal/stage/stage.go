@@ -15,6 +15,8 @@ package stage
 
 import (
 	"context"
+	"errors"
+	"fmt"
 	"log/slog"
 
 	"github.com/prometheus/client_golang/prometheus"
@@ -51,4 +53,23 @@ type Stage interface {
 	Run(ctx context.Context) error
 	// Close releases resources; it is idempotent.
 	Close(ctx context.Context) error
+}
+
+// Register registers every collector on reg, or none: on the first failure
+// it unregisters those it already registered and returns an error naming
+// what ("stream metrics") and the collector that failed.
+func Register(reg prometheus.Registerer, what string, cs ...prometheus.Collector) error {
+	for i, c := range cs {
+		if err := reg.Register(c); err != nil {
+			for _, r := range cs[:i] {
+				reg.Unregister(r)
+			}
+			var are prometheus.AlreadyRegisteredError
+			if errors.As(err, &are) {
+				return fmt.Errorf("registering %s: %w (is another one registered on the same registry?)", what, err)
+			}
+			return fmt.Errorf("registering %s: %w", what, err)
+		}
+	}
+	return nil
 }

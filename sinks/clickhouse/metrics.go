@@ -1,10 +1,9 @@
 package chsink
 
 import (
-	"errors"
-	"fmt"
-
 	"github.com/prometheus/client_golang/prometheus"
+
+	"github.com/vigilhealth/vigil/internal/stage"
 )
 
 // metrics are the sink's Prometheus collectors, registered on the
@@ -70,19 +69,8 @@ func newMetrics(reg prometheus.Registerer) (*metrics, error) {
 		m.rejected.WithLabelValues(t)
 		m.buffered.WithLabelValues(t)
 	}
-	var registered []prometheus.Collector
-	for _, c := range m.collectors() {
-		if err := reg.Register(c); err != nil {
-			for _, r := range registered {
-				reg.Unregister(r)
-			}
-			var are prometheus.AlreadyRegisteredError
-			if errors.As(err, &are) {
-				return nil, fmt.Errorf("registering sink metrics: %w (is another sink registered on the same registry?)", err)
-			}
-			return nil, fmt.Errorf("registering sink metrics: %w", err)
-		}
-		registered = append(registered, c)
+	if err := stage.Register(reg, "sink metrics", m.collectors()...); err != nil {
+		return nil, err
 	}
 	return m, nil
 }
