@@ -160,64 +160,6 @@ func waitCaughtUp(t testing.TB, cfg config.Config, timeout time.Duration) {
 	}
 }
 
-// readAll reads every committed record of topic, in partition order.
-func readAll(t testing.TB, cfg config.Config, topic string) []*kgo.Record {
-	t.Helper()
-	cl, err := kgo.NewClient(kgo.SeedBrokers(cfg.Kafka.Brokers...))
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer cl.Close()
-	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
-	defer cancel()
-	ends, err := kadm.NewClient(cl).ListEndOffsets(ctx, topic)
-	if err != nil {
-		t.Fatal(err)
-	}
-	want := map[int32]kgo.Offset{}
-	endOf := map[int32]int64{}
-	ends.Each(func(o kadm.ListedOffset) {
-		if o.Offset > 0 {
-			want[o.Partition] = kgo.NewOffset().AtStart()
-			endOf[o.Partition] = o.Offset
-		}
-	})
-	if len(want) == 0 {
-		return nil
-	}
-	rc, err := kgo.NewClient(kgo.SeedBrokers(cfg.Kafka.Brokers...),
-		kgo.ConsumePartitions(map[string]map[int32]kgo.Offset{topic: want}),
-		kgo.FetchIsolationLevel(kgo.ReadCommitted()), kgo.KeepControlRecords())
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer rc.Close()
-	byPart := map[int32][]*kgo.Record{}
-	done := map[int32]bool{}
-	for len(done) < len(want) {
-		fs := rc.PollFetches(ctx)
-		if ctx.Err() != nil {
-			t.Fatalf("reading %s: timed out", topic)
-		}
-		fs.EachRecord(func(r *kgo.Record) {
-			if done[r.Partition] {
-				return
-			}
-			if !r.Attrs.IsControl() {
-				byPart[r.Partition] = append(byPart[r.Partition], r)
-			}
-			if r.Offset >= endOf[r.Partition]-1 {
-				done[r.Partition] = true
-			}
-		})
-	}
-	var out []*kgo.Record
-	for p := int32(0); p < 64; p++ {
-		out = append(out, byPart[p]...)
-	}
-	return out
-}
-
 func decode[T proto.Message](t testing.TB, recs []*kgo.Record, mk func() T) []T {
 	t.Helper()
 	out := make([]T, len(recs))
@@ -241,10 +183,10 @@ type topicOutputs struct {
 func readOutputs(t testing.TB, cfg config.Config) topicOutputs {
 	tp := cfg.Kafka.Topics
 	return topicOutputs{
-		fws:    decode(t, readAll(t, cfg, tp.Features), func() *vigilv1.FeatureWindow { return &vigilv1.FeatureWindow{} }),
-		scores: decode(t, readAll(t, cfg, tp.Scores), func() *vigilv1.Score { return &vigilv1.Score{} }),
-		alerts: decode(t, readAll(t, cfg, tp.Alerts), func() *vigilv1.AlertEvent { return &vigilv1.AlertEvent{} }),
-		dls:    decode(t, readAll(t, cfg, tp.DeadLetter), func() *vigilv1.DeadLetter { return &vigilv1.DeadLetter{} }),
+		fws:    decode(t, testenv.ReadAll(t, cfg.Kafka.Brokers[0], tp.Features), func() *vigilv1.FeatureWindow { return &vigilv1.FeatureWindow{} }),
+		scores: decode(t, testenv.ReadAll(t, cfg.Kafka.Brokers[0], tp.Scores), func() *vigilv1.Score { return &vigilv1.Score{} }),
+		alerts: decode(t, testenv.ReadAll(t, cfg.Kafka.Brokers[0], tp.Alerts), func() *vigilv1.AlertEvent { return &vigilv1.AlertEvent{} }),
+		dls:    decode(t, testenv.ReadAll(t, cfg.Kafka.Brokers[0], tp.DeadLetter), func() *vigilv1.DeadLetter { return &vigilv1.DeadLetter{} }),
 	}
 }
 
@@ -260,12 +202,12 @@ func TestProcessorScenario(t *testing.T) {
 
 	out := readOutputs(t, cfg)
 	checkScenario(t, out.fws, out.scores, out.alerts, out.dls)
-	for _, rec := range readAll(t, cfg, cfg.Kafka.Topics.Scores) {
+	for _, rec := range testenv.ReadAll(t, cfg.Kafka.Brokers[0], cfg.Kafka.Topics.Scores) {
 		if string(rec.Key) != "st-mary/p-001" {
 			t.Errorf("score key %q", rec.Key)
 		}
 	}
-	if recs := readAll(t, cfg, cfg.Kafka.Topics.DeadLetter); len(recs) != 1 || string(recs[0].Key) != "http" {
+	if recs := testenv.ReadAll(t, cfg.Kafka.Brokers[0], cfg.Kafka.Topics.DeadLetter); len(recs) != 1 || string(recs[0].Key) != "http" {
 		t.Errorf("dead letter keys: %v", recs)
 	}
 
@@ -289,10 +231,10 @@ func TestProcessorScenario(t *testing.T) {
 	// The changelog's latest entry for the patient: minute 3 open with
 	// HR 74, no open alert, on the input's partition.
 	var last *kgo.Record
-	for _, rec := range readAll(t, cfg, cfg.Kafka.Topics.State) {
+	for _, rec := range testenv.ReadAll(t, cfg.Kafka.Brokers[0], cfg.Kafka.Topics.State) {
 		last = rec
 	}
-	samples := readAll(t, cfg, cfg.Kafka.Topics.Samples)
+	samples := testenv.ReadAll(t, cfg.Kafka.Brokers[0], cfg.Kafka.Topics.Samples)
 	if last == nil || last.Partition != samples[0].Partition {
 		t.Fatalf("changelog record %v not on the input partition %d", last, samples[0].Partition)
 	}

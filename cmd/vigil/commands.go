@@ -3,6 +3,7 @@ package main
 import (
 	"context"
 	"fmt"
+	"net"
 	"runtime/debug"
 	"strings"
 
@@ -145,7 +146,7 @@ func (p *platform) printBanner(env *cliEnv) {
 	fmt.Fprintf(&b, "  HTTP API    http://%s  (POST /v1/samples, GET /healthz /readyz /metrics)\n", p.cfg.HTTP.Listen)
 	fmt.Fprintf(&b, "  Kafka       %s  (kcat -b %s -L; kcat -b %s -C -t %s -o beginning)\n",
 		strings.Join(p.cfg.Kafka.Brokers, ","), p.cfg.Kafka.Brokers[0], p.cfg.Kafka.Brokers[0], p.cfg.Kafka.Topics.Alerts)
-	host, port := splitHostPort(p.cfg.ClickHouse.Addr)
+	host, port, _ := net.SplitHostPort(p.cfg.ClickHouse.Addr)
 	fmt.Fprintf(&b, "  ClickHouse  %s  (clickhouse-client --host %s --port %s -d %s -q 'SELECT * FROM alerts')\n",
 		p.cfg.ClickHouse.Addr, host, port, p.cfg.ClickHouse.Database)
 	if p.chHTTP != "" {
@@ -255,11 +256,3 @@ type closeOnly struct {
 
 func (c closeOnly) Run(ctx context.Context) error   { <-ctx.Done(); return nil }
 func (c closeOnly) Close(ctx context.Context) error { return c.close(ctx) }
-
-func splitHostPort(addr string) (string, string) {
-	i := strings.LastIndex(addr, ":")
-	if i < 0 {
-		return addr, ""
-	}
-	return addr[:i], addr[i+1:]
-}

@@ -20,6 +20,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/twmb/franz-go/pkg/kadm"
 	"github.com/twmb/franz-go/pkg/kgo"
 
 	"github.com/vigilhealth/vigil/internal/broker"
@@ -160,6 +161,66 @@ func Consume(t testing.TB, brokerAddr, topic string, n int, timeout time.Duratio
 			}
 		}
 		out = append(out, fs.Records()...)
+	}
+	return out
+}
+
+// ReadAll reads every committed record of topic, up to each partition's
+// high watermark at the time of the call, in partition order (up to 64
+// partitions). Unlike Consume it needs no expected count.
+func ReadAll(t testing.TB, brokerAddr, topic string) []*kgo.Record {
+	t.Helper()
+	cl, err := kgo.NewClient(kgo.SeedBrokers(brokerAddr))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer cl.Close()
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	ends, err := kadm.NewClient(cl).ListEndOffsets(ctx, topic)
+	if err != nil {
+		t.Fatal(err)
+	}
+	want := map[int32]kgo.Offset{}
+	endOf := map[int32]int64{}
+	ends.Each(func(o kadm.ListedOffset) {
+		if o.Offset > 0 {
+			want[o.Partition] = kgo.NewOffset().AtStart()
+			endOf[o.Partition] = o.Offset
+		}
+	})
+	if len(want) == 0 {
+		return nil
+	}
+	rc, err := kgo.NewClient(kgo.SeedBrokers(brokerAddr),
+		kgo.ConsumePartitions(map[string]map[int32]kgo.Offset{topic: want}),
+		kgo.FetchIsolationLevel(kgo.ReadCommitted()), kgo.KeepControlRecords())
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer rc.Close()
+	byPart := map[int32][]*kgo.Record{}
+	done := map[int32]bool{}
+	for len(done) < len(want) {
+		fs := rc.PollFetches(ctx)
+		if ctx.Err() != nil {
+			t.Fatalf("reading %s: timed out", topic)
+		}
+		fs.EachRecord(func(r *kgo.Record) {
+			if done[r.Partition] {
+				return
+			}
+			if !r.Attrs.IsControl() {
+				byPart[r.Partition] = append(byPart[r.Partition], r)
+			}
+			if r.Offset >= endOf[r.Partition]-1 {
+				done[r.Partition] = true
+			}
+		})
+	}
+	var out []*kgo.Record
+	for p := int32(0); p < 64; p++ {
+		out = append(out, byPart[p]...)
 	}
 	return out
 }
