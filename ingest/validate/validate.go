@@ -76,13 +76,40 @@ const (
 	BodyTooLarge Reason = "body_too_large"
 	// A message carries more samples than the bound.
 	TooManySamples Reason = "too_many_samples"
+	// The source's code (MDC or LOINC observation code, MDC or UCUM unit
+	// code) has no entry in the mapping tables; the code is on the dead
+	// letter so that an integrator can extend the tables.
+	UnmappedCode Reason = "unmapped_code"
+	// No patient is bound to the device or bed at the sample's event time
+	// (ADT or the binding API); re-drivable once the binding exists.
+	UnboundDevice Reason = "unbound_device"
+	// The message is not valid for its format: MLLP framing, HL7 v2 syntax,
+	// FHIR resource structure.
+	MalformedMessage Reason = "malformed_message"
+	// The message is well formed but of a kind Vigil does not take (an HL7
+	// message type other than ORU/ADT, a FHIR resource other than an
+	// Observation or Bundle).
+	UnsupportedMessage Reason = "unsupported_message"
+	// A valid FHIR Observation that is not a vital sign (laboratory,
+	// survey, social history...).
+	NotVitalSign Reason = "not_vital_sign"
+	// The source marked the value absent or invalid: FHIR dataAbsentReason,
+	// HL7 OBX-11 result status, or a sentinel such as -999.
+	AbsentValue Reason = "absent_value"
+	// The observation's value type is not numeric (HL7 OBX-2 other than NM
+	// or numeric SN; FHIR value[x] other than Quantity).
+	UnsupportedValue Reason = "unsupported_value"
+	// The sender exceeded its rate limit; the message was not accepted and
+	// should be sent again later (HTTP 429, MLLP slowed ACK).
+	RateLimited Reason = "rate_limited"
 )
 
 // Reasons returns the closed list of reasons, for documentation and tests.
 func Reasons() []Reason {
 	return []Reason{MissingField, InvalidID, UnknownMetric, MetricMismatch, UnitNotConvertible, NotFinite,
 		OutOfRange, InvalidTime, FutureTime, TooOld, InvalidJSON, UnknownField, InvalidType, BodyTooLarge,
-		TooManySamples}
+		TooManySamples, UnmappedCode, UnboundDevice, MalformedMessage, UnsupportedMessage, NotVitalSign,
+		AbsentValue, UnsupportedValue, RateLimited}
 }
 
 // Field names a sample field in Refusal.Field. The names are those of the HTTP
