@@ -224,3 +224,30 @@ func ReadAll(t testing.TB, brokerAddr, topic string) []*kgo.Record {
 	}
 	return out
 }
+
+// Dataset returns the path of a folder of the shared public data sets
+// (../shared/datasets/<name>, relative to the repository root), failing the
+// test when it is missing. Tests read the data sets in place; they are never
+// copied into the repository.
+func Dataset(t testing.TB, name string) string {
+	t.Helper()
+	dir, err := os.Getwd()
+	if err != nil {
+		t.Fatalf("finding the working directory: %v", err)
+	}
+	for {
+		if _, err := os.Stat(filepath.Join(dir, "go.mod")); err == nil {
+			break
+		}
+		parent := filepath.Dir(dir)
+		if parent == dir {
+			t.Fatalf("finding the repository root (go.mod) above the working directory")
+		}
+		dir = parent
+	}
+	p := filepath.Join(dir, "..", "shared", "datasets", name)
+	if _, err := os.Stat(p); err != nil {
+		t.Fatalf("data set %s: %v (the shared data sets must sit beside the repository)", name, err)
+	}
+	return p
+}
