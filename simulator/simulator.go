@@ -22,6 +22,13 @@
 //     posts what the model produced since, one request carrying every
 //     device's samples (with per-device sequence numbers and message ids),
 //     retrying with exponential backoff on 5xx and connection errors.
+//
+// With simulator.gateways set, devices reach Vigil the way a hospital's
+// integration engines send them: beds as IHE PCD-01 ORU^R01 over MLLP (after
+// an ADT^A01 admission, and one ADT^A02 transfer), wearables as QoS 1 MQTT
+// publishes, nurses' temperature spot checks as FHIR R4 Observations in a
+// batch Bundle; simulator.gateways.fault_rate adds malformed messages and
+// messages with unmapped codes beside the good ones.
 package simulator
 
 import (
@@ -66,6 +73,12 @@ type Simulator struct {
 
 	sent, accepted, refused, dropped, retries prometheus.Counter
 	requests                                  *prometheus.CounterVec
+	// gw sends what the configured gateways carry (MLLP, MQTT, FHIR);
+	// used by Run's goroutine only.
+	gw *gateways
+	// rec receives every request body sent (see RecordTo); used by Run's
+	// goroutine only.
+	rec *recorder
 
 	closeOnce sync.Once
 }
@@ -116,7 +129,9 @@ func New(cfg config.Simulator, deps stage.Deps) (*Simulator, error) {
 	s.retries = counter("vigil_simulator_request_retries_total", "Requests retried after a 5xx answer or a connection error.")
 	s.requests = prometheus.NewCounterVec(prometheus.CounterOpts{Name: "vigil_simulator_requests_total",
 		Help: "Requests to the ingest endpoint by answer (HTTP status code, or \"error\" when there was none)."}, []string{"code"})
-	if err := stage.Register(deps.Metrics, "simulator metrics", s.sent, s.accepted, s.refused, s.dropped, s.retries, s.requests); err != nil {
+	s.gw = newGateways(cfg, deps.Log, s.client, "")
+	if err := stage.Register(deps.Metrics, "simulator metrics", s.sent, s.accepted, s.refused, s.dropped, s.retries, s.requests,
+		s.gw.messages, s.gw.faults); err != nil {
 		return nil, err
 	}
 	return s, nil
@@ -146,6 +161,8 @@ func (s *Simulator) Run(ctx context.Context) error {
 		SeqBase: uint64(wallStart.Unix()) << 32,
 	})
 	sn := &sendState{runID: strconv.FormatInt(wallStart.Unix(), 36)}
+	s.gw.runID = sn.runID
+	defer s.gw.close()
 	s.log.Info("simulator started", "target", s.url, "beds", s.cfg.Beds, "wearables", s.cfg.Wearables,
 		"deteriorating", s.cfg.Deteriorating, "speed", s.cfg.Speed, "seed", s.cfg.Seed, "pre_roll", s.cfg.PreRoll)
 	if s.cfg.PreRoll > 0 {
@@ -206,11 +223,15 @@ func (s *Simulator) catchUp(ctx context.Context, w *Ward, sn *sendState, target 
 	sn.buf = sn.buf[:0]
 }
 
-// sendChunks sends sn.buf in requests of at most MaxRequestSamples (one
-// simulated second of a large ward can hold more) and empties it.
+// sendChunks hands what the configured gateways carry (beds over MLLP,
+// wearables over MQTT, spot checks over FHIR) to them, sends the rest of
+// sn.buf in requests of at most MaxRequestSamples (one simulated second of a
+// large ward can hold more) and empties it.
 func (s *Simulator) sendChunks(ctx context.Context, sn *sendState) {
 	all := sn.buf
-	for rest := all; len(rest) > 0 && ctx.Err() == nil; {
+	rest := s.gw.route(ctx, all)
+	sn.samples += len(all) - len(rest)
+	for len(rest) > 0 && ctx.Err() == nil {
 		n := min(len(rest), MaxRequestSamples)
 		sn.buf = rest[:n]
 		s.send(ctx, sn)
@@ -231,6 +252,7 @@ func (s *Simulator) send(ctx context.Context, sn *sendState) {
 		s.dropped.Add(float64(len(sn.buf)))
 		return
 	}
+	s.record(body)
 	n := len(sn.buf)
 	backoff := 100 * time.Millisecond
 	for {

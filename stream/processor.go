@@ -320,6 +320,9 @@ func (p *Processor) runSession(ctx context.Context) error {
 		kgo.OnPartitionsRevoked(s.onRevoked),
 		kgo.OnPartitionsLost(s.onLost),
 	)
+	if p.cfg.Stream.StaticMembership {
+		opts = append(opts, kgo.InstanceID(p.txnID))
+	}
 	sess, err := kgo.NewGroupTransactSession(opts...)
 	if err != nil {
 		return permanent(fmt.Errorf("creating transactional group session: %w", err))

@@ -8,6 +8,7 @@ import (
 	"strings"
 
 	"github.com/vigilhealth/vigil/ingest/httpjson"
+	"github.com/vigilhealth/vigil/ingest/mapping"
 	"github.com/vigilhealth/vigil/ingest/publish"
 	"github.com/vigilhealth/vigil/internal/httpserver"
 	"github.com/vigilhealth/vigil/internal/status"
@@ -95,6 +96,9 @@ func (p *platform) pingClickHouse(ctx context.Context) error {
 
 // addIngest registers the HTTP server with the ingest handler.
 func (p *platform) addIngest() error {
+	if err := p.addMapping(); err != nil {
+		return err
+	}
 	srv, err := httpserver.New(p.cfg.HTTP.Listen, p.cfg.HTTP.ShutdownTimeout, p.reg, p.log)
 	if err != nil {
 		return err
@@ -112,12 +116,48 @@ func (p *platform) addIngest() error {
 		return fmt.Errorf("creating http ingest: %w", err)
 	}
 	srv.Mount("POST /v1/samples", h)
+	if err := p.addWaveforms(srv, pub); err != nil {
+		_ = srv.Close(context.Background())
+		_ = pub.Close(context.Background())
+		return err
+	}
+	if err := p.addBindings(srv, h); err != nil {
+		_ = srv.Close(context.Background())
+		_ = pub.Close(context.Background())
+		return err
+	}
 	p.http = srv
 	srv.AddCheck("kafka", pub.Ping)
 	p.runner.AddStage("http", srv)
 	// The publisher outlives the HTTP server (in-flight requests publish
 	// until the server has drained), so it is closed as a stage after it.
 	p.runner.AddStage("ingest publisher", closeOnly{pub.Close})
+	// The binding store starts before and stops after the paths using it.
+	p.runner.AddStage("bindings", p.bindings)
+	return nil
+}
+
+// addMapping creates the mapping tables (ingest.mapping_dir over the
+// embedded defaults) once, as p.mapping for every ingest path, and runs their
+// hot reload as a stage. The tables are usable from here on, before Run.
+func (p *platform) addMapping() error {
+	if p.mapping != nil {
+		return nil
+	}
+	var opts []mapping.Option
+	if p.cfg.Ingest.Catalog != "" {
+		cat, err := httpjson.LoadCatalog(p.cfg.Ingest.Catalog)
+		if err != nil {
+			return err
+		}
+		opts = append(opts, mapping.WithCatalog(cat))
+	}
+	m, err := mapping.NewStore(p.cfg.Ingest.MappingDir, p.cfg.Ingest.MappingReload, p.deps("mapping"), opts...)
+	if err != nil {
+		return fmt.Errorf("loading mapping tables: %w", err)
+	}
+	p.mapping = m
+	p.runner.AddStage("mapping", m)
 	return nil
 }
 

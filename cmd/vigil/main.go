@@ -33,6 +33,8 @@ Commands:
   sink       run the ClickHouse sink alone
   migrate    apply the ClickHouse migrations and exit
   simulate   run the bedside/wearable simulator against an ingest endpoint
+  replay     replay recordings, PhysioNet PSV folders/tarballs or WFDB records through ingest
+  deadletter inspect and re-drive refused messages: ls, show <partition>:<offset>, redrive --reason R
   version    print the version
 
 Every command takes the common flags (vigil <command> -h lists them). Settings come
@@ -46,6 +48,8 @@ type command struct {
 	run  func(ctx context.Context, env *cliEnv) error
 	// extra registers command-specific flags.
 	extra func(fs *flag.FlagSet, env *cliEnv)
+	// positional commands take arguments among their flags (env.args).
+	positional bool
 }
 
 func commands() []command {
@@ -58,7 +62,11 @@ func commands() []command {
 		{name: "stream", run: cmdStream},
 		{name: "sink", run: cmdSink},
 		{name: "migrate", run: cmdMigrate},
-		{name: "simulate", run: cmdSimulate},
+		{name: "simulate", run: cmdSimulate, extra: func(fs *flag.FlagSet, e *cliEnv) {
+			fs.StringVar(&e.record, "record", "", "also write every request body sent to this recording (JSON Lines; .gz compresses)")
+		}},
+		{name: "replay", run: cmdReplay, extra: replayFlags, positional: true},
+		deadletterCommand(),
 		{name: "version", run: cmdVersion},
 	}
 }
@@ -77,6 +85,11 @@ type cliEnv struct {
 	stdout   io.Writer
 	stderr   io.Writer
 	simulate bool
+	// record is `vigil simulate --record`; replay holds `vigil replay`'s flags.
+	record string
+	replay replayOpts
+	// args are the positional arguments of a positional command.
+	args []string
 }
 
 func main() {
@@ -121,7 +134,7 @@ func realMain(args, environ []string, stdout, stderr io.Writer) int {
 	if cmd.extra != nil {
 		cmd.extra(fs, env)
 	}
-	if err := fs.Parse(args[1:]); err != nil {
+	if err := parseArgs(fs, args[1:], cmd.positional, env); err != nil {
 		if errors.Is(err, flag.ErrHelp) {
 			return 0
 		}

@@ -14,6 +14,8 @@ import (
 	"github.com/twmb/franz-go/pkg/kadm"
 	"github.com/twmb/franz-go/pkg/kgo"
 
+	"github.com/vigilhealth/vigil/ingest/binding"
+	"github.com/vigilhealth/vigil/ingest/mapping"
 	"github.com/vigilhealth/vigil/internal/broker"
 	"github.com/vigilhealth/vigil/internal/bus"
 	"github.com/vigilhealth/vigil/internal/chserver"
@@ -38,6 +40,12 @@ type platform struct {
 	statusOut io.Writer
 	// http is the HTTP server, when this process serves one.
 	http *httpserver.Server
+	// mapping holds the MDC/LOINC/unit mapping tables (hot reloaded) that
+	// every ingest path maps codes with; set by addIngest.
+	mapping *mapping.Store
+	// bindings is the device/bed → patient binding store every ingest
+	// path resolves patients through; set by addIngest.
+	bindings *binding.Store
 }
 
 func newPlatform(env *cliEnv) *platform {

@@ -2,8 +2,10 @@ package main
 
 import (
 	"context"
+	"errors"
 	"fmt"
 
+	"github.com/vigilhealth/vigil/ingest/replay"
 	"github.com/vigilhealth/vigil/simulator"
 )
 
@@ -28,7 +30,18 @@ func cmdSimulate(ctx context.Context, env *cliEnv) error {
 		return err
 	}
 	defer sim.Close(context.Background())
+	var rec *replay.Recording
+	if env.record != "" {
+		if rec, err = replay.CreateRecording(env.record); err != nil {
+			return err
+		}
+		sim.RecordTo(rec)
+	}
 	fmt.Fprintf(env.stdout, "simulating %d beds and %d wearables (%d deteriorating) into %s\n",
 		p.cfg.Simulator.Beds, p.cfg.Simulator.Wearables, p.cfg.Simulator.Deteriorating, p.cfg.Simulator.Target)
-	return sim.Run(ctx)
+	err = sim.Run(ctx)
+	if rec != nil {
+		err = errors.Join(err, sim.RecordErr(), rec.Close())
+	}
+	return err
 }

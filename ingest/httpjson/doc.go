@@ -104,6 +104,14 @@
 //     permanently.
 //
 // Dead letters are acknowledged by Kafka before any 4xx answer is sent.
+//
+// # Other transports
+//
+// Handler.Accept is the same processing without HTTP: it takes a body and a
+// Meta (source, origin, the tenant and device a transport such as MQTT
+// derives from its topic) and returns an Outcome (accepted and rejected
+// counts, the problem, the message id, and a Kafka error classified
+// retriable or permanent). NewCore builds a Handler for that use only.
 package httpjson
 
 // ProblemTypeBase prefixes the type URI of every problem body; the suffix

@@ -61,6 +61,13 @@ type Handler struct {
 	// that a sample's metric and unit need no allocation.
 	names map[string]string
 	pool  sync.Pool // *decoder
+	// resolver, when set, gives samples without a patient the patient
+	// bound to their device (see SetResolver).
+	resolver Resolver
+	// limits are the rate limit and duplicate filter (limits.go); nil
+	// when not enabled (NewCore without UseLimits).
+	limits    *limits
+	rateLimit config.RateLimit
 
 	requests *prometheus.CounterVec
 	received prometheus.Counter
@@ -73,6 +80,20 @@ type Handler struct {
 // deps.Metrics.
 func New(cfg config.Config, deps stage.Deps, pub Publisher) (*Handler, error) {
 	deps = deps.WithDefaults()
+	h, err := newHandler(cfg, deps, pub)
+	if err != nil {
+		return nil, err
+	}
+	if err := h.registerHTTP(deps.Metrics); err != nil {
+		return nil, err
+	}
+	if err := h.UseLimits(cfg.Ingest, deps, "http"); err != nil {
+		return nil, err
+	}
+	return h, nil
+}
+
+func newHandler(cfg config.Config, deps stage.Deps, pub Publisher) (*Handler, error) {
 	if pub == nil {
 		return nil, errors.New("creating http ingest: no publisher")
 	}
@@ -112,9 +133,6 @@ func New(cfg config.Config, deps stage.Deps, pub Publisher) (*Handler, error) {
 		Help:    "Time to answer POST /v1/samples, including the Kafka acknowledgement.",
 		Buckets: prometheus.ExponentialBuckets(0.0005, 2.5, 12),
 	})
-	if err := stage.Register(deps.Metrics, "http ingest metrics", h.requests, h.received, h.duration); err != nil {
-		return nil, err
-	}
 	return h, nil
 }
 
@@ -159,57 +177,33 @@ func (h *Handler) serve(w http.ResponseWriter, r *http.Request) int {
 			Status: http.StatusUnsupportedMediaType, Detail: fmt.Sprintf("Content-Encoding %q is not supported: send the body uncompressed", ce)})
 	}
 	now := h.clock.Now().UnixMilli()
+	m := Meta{Source: vigilv1.Source_SOURCE_HTTP, Origin: r.RemoteAddr, ContentType: "application/json"}
 	data, tooLarge := h.readBody(w, r)
+	var o Outcome
 	if tooLarge != nil {
-		return h.refuseBody(w, r, tooLarge, data, "", now)
-	}
-	d := h.pool.Get().(*decoder)
-	defer func() {
-		d.release()
-		h.pool.Put(d)
-	}()
-	b, berr := d.decode(data, h.maxSamples)
-	if berr != nil {
-		return h.refuseBody(w, r, berr, data, "", now)
-	}
-	h.received.Add(float64(len(b.samples)))
-	msgID := string(b.messageID.b)
-	if rf := validate.CheckID("message_id", msgID, MaxMessageIDLen); rf != nil {
-		return h.refuseBody(w, r, &bodyError{status: http.StatusBadRequest, reason: rf.Reason, field: rf.Field, message: rf.Message, offset: -1}, data, "", now)
-	}
-	if msgID == "" {
-		msgID = newMessageID()
-	}
-	batches, letters, problems := h.validate(r, b, msgID, now)
-	accepted := len(b.samples) - len(letters)
-
-	// Refusals first: if Kafka then fails the samples, the sender's retry
-	// duplicates dead letters at worst, and a 400 is only ever sent with
-	// its dead letters acknowledged.
-	if err := h.pub.DeadLetter(r.Context(), letters); err != nil {
-		return h.publishFailed(w, err, msgID)
-	}
-	if err := h.pub.Publish(r.Context(), batches); err != nil {
-		return h.publishFailed(w, err, msgID)
-	}
-	if len(letters) == 0 {
-		w.Header().Set("Content-Type", "application/json")
-		w.WriteHeader(http.StatusOK)
-		out := strconv.AppendInt(append(make([]byte, 0, 32), `{"accepted":`...), int64(accepted), 10)
-		_, _ = w.Write(append(out, "}\n"...))
-		return http.StatusOK
-	}
-	h.log.Debug("samples refused", "accepted", accepted, "rejected", len(letters), "message_id", msgID, "remote", r.RemoteAddr)
-	p := &Problem{Type: problemType("invalid-samples"), Title: "Some samples were refused",
-		Status: http.StatusBadRequest, MessageID: msgID, Accepted: accepted, Rejected: len(letters), Errors: problems,
-		ErrorsTruncated: len(letters) > len(problems)}
-	if accepted > 0 {
-		p.Detail = fmt.Sprintf("%d of %d samples were refused and sent to the dead-letter topic; the other %d were accepted and must not be sent again",
-			len(letters), len(b.samples), accepted)
+		var rawSize uint64
+		if tooLarge.status == http.StatusRequestEntityTooLarge && r.ContentLength > int64(len(data)) {
+			rawSize = uint64(r.ContentLength)
+		}
+		o = h.refuseBody(r.Context(), tooLarge, data, m, rawSize, now)
 	} else {
-		p.Detail = fmt.Sprintf("all %d samples were refused and sent to the dead-letter topic", len(letters))
+		o = h.accept(r.Context(), data, m, now)
 	}
-	return writeProblem(w, p)
+	h.received.Add(float64(o.Samples))
+	switch {
+	case o.Err != nil:
+		return h.publishFailed(w, o.Err, o.MessageID)
+	case o.Problem != nil:
+		if o.RetryAfter > 0 {
+			w.Header().Set("Retry-After", strconv.FormatInt(int64(o.RetryAfter/time.Second), 10))
+		}
+		return writeProblem(w, o.Problem)
+	}
+	w.Header().Set("Content-Type", "application/json")
+	w.WriteHeader(http.StatusOK)
+	out := strconv.AppendInt(append(make([]byte, 0, 32), `{"accepted":`...), int64(o.Accepted), 10)
+	_, _ = w.Write(append(out, "}\n"...))
+	return http.StatusOK
 }
 
 // readBody reads the whole body, bounded by maxBody.
@@ -243,7 +237,7 @@ func (h *Handler) readBody(w http.ResponseWriter, r *http.Request) ([]byte, *bod
 // validate turns decoded samples into batches grouped by (tenant, patient,
 // device, message id) in order of first appearance, and refusals into dead
 // letters and problem entries.
-func (h *Handler) validate(r *http.Request, b *body, msgID string, now int64) ([]*vigilv1.SampleBatch, []*vigilv1.DeadLetter, []ProblemError) {
+func (h *Handler) validate(b *body, m Meta, msgID string, now int64) ([]*vigilv1.SampleBatch, []*vigilv1.DeadLetter, []ProblemError) {
 	var (
 		batches  []*vigilv1.SampleBatch
 		letters  []*vigilv1.DeadLetter
@@ -272,6 +266,13 @@ func (h *Handler) validate(r *http.Request, b *body, msgID string, now int64) ([
 		return v
 	}
 	defTenant, defPatient, defDevice := string(b.tenant.b), string(b.patient.b), string(b.device.b)
+	if !b.tenant.ok && m.Tenant != "" {
+		defTenant = m.Tenant
+	}
+	if !b.device.ok && m.Device != "" {
+		defDevice = m.Device
+	}
+	source := m.source()
 	for i := range b.samples {
 		s := &b.samples[i]
 		in := validate.Input{
@@ -295,6 +296,13 @@ func (h *Handler) validate(r *http.Request, b *body, msgID string, now int64) ([
 				rf.Field = fmt.Sprintf("samples[%d].message_id", i)
 			}
 		}
+		if rf == nil && m.Tenant != "" && in.Tenant != m.Tenant {
+			rf = validate.Refuse(validate.InvalidID, fieldPath(i, validate.FieldTenant, s),
+				"tenant %q is not the tenant %q this message was sent for (%s)", in.Tenant, m.Tenant, m.Origin)
+		}
+		if rf == nil && in.Patient == "" && in.Device != "" && h.resolver != nil {
+			rf = h.resolvePatient(&in, i, s, now)
+		}
 		out := &slab[i]
 		if rf == nil {
 			if rf = h.val.Sample(&in, now, out); rf != nil {
@@ -302,7 +310,7 @@ func (h *Handler) validate(r *http.Request, b *body, msgID string, now int64) ([
 			}
 		}
 		if rf != nil {
-			letters = append(letters, h.letter(r, i, s, &in, mid, rf, now))
+			letters = append(letters, h.letter(&m, s, &in, mid, rf, now))
 			if len(problems) < MaxProblemErrors {
 				problems = append(problems, ProblemError{Index: i, Field: rf.Field, Reason: string(rf.Reason), Message: rf.Message})
 			}
@@ -313,7 +321,7 @@ func (h *Handler) validate(r *http.Request, b *body, msgID string, now int64) ([
 			last = groups[string(key)]
 			if last == nil {
 				last = &vigilv1.SampleBatch{SchemaVersion: publish.SchemaVersion, Tenant: in.Tenant, Patient: in.Patient,
-					Device: in.Device, Source: vigilv1.Source_SOURCE_HTTP, IngestTimeMs: now, MessageId: mid}
+					Device: in.Device, Source: source, IngestTimeMs: now, MessageId: mid}
 				if len(batches) > 0 && groups == nil {
 					groups = map[string]*vigilv1.SampleBatch{}
 					// The first group was made before the map existed.
@@ -356,17 +364,17 @@ func fieldPath(i int, field string, s *sampleIn) string {
 }
 
 // letter builds the dead letter of refused sample i.
-func (h *Handler) letter(r *http.Request, i int, s *sampleIn, in *validate.Input, msgID string, rf *validate.Refusal, now int64) *vigilv1.DeadLetter {
+func (h *Handler) letter(m *Meta, s *sampleIn, in *validate.Input, msgID string, rf *validate.Refusal, now int64) *vigilv1.DeadLetter {
 	dl := &vigilv1.DeadLetter{
-		SchemaVersion: publish.SchemaVersion, Reason: string(rf.Reason), Message: rf.Message, Source: vigilv1.Source_SOURCE_HTTP,
-		Origin: r.RemoteAddr, Field: rf.Field, Raw: s.raw, RefusedTimeMs: now, Tenant: in.Tenant, Patient: in.Patient,
-		Device: in.Device, MessageId: msgID, ContentType: "application/json",
+		SchemaVersion: publish.SchemaVersion, Reason: string(rf.Reason), Message: rf.Message, Source: m.source(),
+		Origin: m.Origin, Field: rf.Field, Raw: s.raw, RefusedTimeMs: now, Tenant: in.Tenant, Patient: in.Patient,
+		Device: in.Device, MessageId: msgID, ContentType: m.contentType(),
 	}
 	if !s.refusalIsDecode {
 		// The sample decoded: keep it as sent (not normalised) so a
 		// redrive need not re-parse raw.
 		dl.Batch = &vigilv1.SampleBatch{SchemaVersion: publish.SchemaVersion, Tenant: in.Tenant, Patient: in.Patient,
-			Device: in.Device, Source: vigilv1.Source_SOURCE_HTTP, IngestTimeMs: now, MessageId: msgID,
+			Device: in.Device, Source: m.source(), IngestTimeMs: now, MessageId: msgID,
 			Samples: []*vigilv1.Sample{{Metric: in.Metric, Value: in.Value, Unit: in.Unit, EventTimeMs: in.EventTimeMs,
 				Sequence: in.Sequence, Channel: in.Channel, SourceCode: loincCode(in.LOINC)}}}
 	}
@@ -380,19 +388,17 @@ func loincCode(code string) string {
 	return "LOINC:" + code
 }
 
-// refuseBody answers a request refused as a whole, after dead-lettering its
-// body (bounded).
-func (h *Handler) refuseBody(w http.ResponseWriter, r *http.Request, e *bodyError, data []byte, msgID string, now int64) int {
+// refuseBody refuses a body as a whole, after dead-lettering it (bounded);
+// rawSize, when not 0, is the size of the body of which data is a prefix.
+func (h *Handler) refuseBody(ctx context.Context, e *bodyError, data []byte, m Meta, rawSize uint64, now int64) Outcome {
 	dl := &vigilv1.DeadLetter{
-		SchemaVersion: publish.SchemaVersion, Reason: string(e.reason), Message: e.Error(), Source: vigilv1.Source_SOURCE_HTTP,
-		Origin: r.RemoteAddr, Field: e.field, Raw: data, RefusedTimeMs: now, MessageId: msgID, ContentType: "application/json",
+		SchemaVersion: publish.SchemaVersion, Reason: string(e.reason), Message: e.Error(), Source: m.source(),
+		Origin: m.Origin, Field: e.field, Raw: data, RefusedTimeMs: now, ContentType: m.contentType(), RawSize: rawSize,
+		Tenant: m.Tenant, Device: m.Device,
 	}
-	if e.status == http.StatusRequestEntityTooLarge && r.ContentLength > int64(len(data)) {
-		dl.RawSize = uint64(r.ContentLength)
-	}
-	h.log.Debug("request refused", "reason", e.reason, "err", e.Error(), "remote", r.RemoteAddr)
-	if err := h.pub.DeadLetter(r.Context(), []*vigilv1.DeadLetter{dl}); err != nil {
-		return h.publishFailed(w, err, msgID)
+	h.log.Debug("request refused", "reason", e.reason, "err", e.Error(), "origin", m.Origin)
+	if err := h.pub.DeadLetter(ctx, []*vigilv1.DeadLetter{dl}); err != nil {
+		return h.failed(Outcome{}, err)
 	}
 	p := &Problem{Type: problemType(strings.ReplaceAll(string(e.reason), "_", "-")), Title: title(e.reason),
 		Status: e.status, Detail: e.Error(), Reason: string(e.reason), Field: e.field, Rejected: 0}
@@ -400,7 +406,7 @@ func (h *Handler) refuseBody(w http.ResponseWriter, r *http.Request, e *bodyErro
 		off := e.offset
 		p.Offset, p.Line, p.Column = &off, e.line, e.column
 	}
-	return writeProblem(w, p)
+	return Outcome{Problem: p}
 }
 
 func title(r validate.Reason) string {
@@ -432,7 +438,6 @@ func (h *Handler) publishFailed(w http.ResponseWriter, err error, msgID string) 
 			Status: http.StatusServiceUnavailable, MessageID: msgID,
 			Detail: "the samples could not be written to Kafka in time; nothing was accepted: retry the whole request (" + err.Error() + ")"})
 	}
-	h.log.Error("publishing failed permanently", "err", err, "message_id", msgID)
 	return writeProblem(w, &Problem{Type: problemType("publish-failed"), Title: "Publishing failed",
 		Status: http.StatusInternalServerError, MessageID: msgID,
 		Detail: "Kafka refused the samples; nothing was accepted (" + err.Error() + ")"})
@@ -452,8 +457,8 @@ func writeProblem(w http.ResponseWriter, p *Problem) int {
 
 func problemType(slug string) string { return ProblemTypeBase + slug }
 
-func newMessageID() string {
+func newMessageID(src vigilv1.Source) string {
 	var b [12]byte
 	_, _ = rand.Read(b[:])
-	return "http-" + hex.EncodeToString(b[:])
+	return src.Label() + "-" + hex.EncodeToString(b[:])
 }

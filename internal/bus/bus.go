@@ -67,6 +67,7 @@ func Specs(t config.Topics) []TopicSpec {
 		{Name: t.Imaging},
 		{Name: t.Audit},
 		{Name: t.State, Configs: map[string]*string{"cleanup.policy": &compact}},
+		{Name: t.Bindings, Configs: map[string]*string{"cleanup.policy": &compact}},
 	}
 }
 

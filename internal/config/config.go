@@ -41,6 +41,10 @@ type Config struct {
 	Sink       Sink       `yaml:"sink"`
 	Simulator  Simulator  `yaml:"simulator"`
 	Status     Status     `yaml:"status"`
+	FHIR       FHIR       `yaml:"fhir"`
+	MLLP       MLLP       `yaml:"mllp"`
+	Waveform   Waveform   `yaml:"waveform"`
+	MQTT       MQTT       `yaml:"mqtt"`
 }
 
 // Log configures structured logging.
@@ -97,6 +101,9 @@ type Topics struct {
 	Audit string `yaml:"audit"`
 	// State is the stream engine's compacted changelog.
 	State string `yaml:"state"`
+	// Bindings is the compacted device/bed → patient binding table, keyed
+	// "<tenant>/<device>" (see ingest/binding).
+	Bindings string `yaml:"bindings"`
 }
 
 // ClickHouse configures the ClickHouse connection or the local server.
@@ -153,6 +160,20 @@ type Ingest struct {
 	DeadLetterRawLimit int `yaml:"deadletter_raw_limit"`
 	// Catalog is a metric catalogue file; empty uses the embedded one.
 	Catalog string `yaml:"catalog"`
+	// MappingDir is a folder of mapping files (YAML, see ingest/mapping)
+	// overlaid on the embedded MDC/LOINC → metric and unit → UCUM tables;
+	// empty uses the embedded tables only.
+	MappingDir string `yaml:"mapping_dir"`
+	// MappingReload is how often the mapping folder is checked for changes.
+	MappingReload time.Duration `yaml:"mapping_reload"`
+	// DedupeWindow is how long a device sequence (or an HL7 message control
+	// id) is remembered to suppress duplicates; 0 disables deduplication.
+	DedupeWindow time.Duration `yaml:"dedupe_window"`
+	// DedupeMaxEntries bounds the remembered keys (the oldest are evicted,
+	// counted in vigil_ingest_dedupe_evictions_total).
+	DedupeMaxEntries int `yaml:"dedupe_max_entries"`
+	// RateLimit bounds the samples per second of one source.
+	RateLimit RateLimit `yaml:"rate_limit"`
 }
 
 // Stream configures the stream processor.
@@ -179,6 +200,13 @@ type Stream struct {
 	// MaxPollRecords bounds the input records taken into one poll (and
 	// so the work between two checks of the commit deadline).
 	MaxPollRecords int `yaml:"max_poll_records"`
+	// StaticMembership joins the consumer group as a static member
+	// (KIP-345, group instance id = the transactional id): a restarted or
+	// crashed instance gets its partitions back at once, without waiting
+	// for its old session to time out. The price: an instance that stops
+	// for good keeps its partitions until the session timeout; switch it
+	// off where instances come and go.
+	StaticMembership bool `yaml:"static_membership"`
 }
 
 // Sink configures the ClickHouse sink.
@@ -234,6 +262,8 @@ type Simulator struct {
 	// the endpoint was unreachable; older simulated data is dropped
 	// (counted in vigil_simulator_samples_dropped_total).
 	MaxLag time.Duration `yaml:"max_lag"`
+	// Gateways sends devices through MLLP, MQTT and FHIR instead of HTTP.
+	Gateways SimGateways `yaml:"gateways"`
 }
 
 // Status configures the periodic one-line status.
@@ -259,6 +289,7 @@ func Default() Config {
 				Imaging:    "vigil.imaging.v1",
 				Audit:      "vigil.audit.v1",
 				State:      "vigil.stream.state.v1",
+				Bindings:   "vigil.bindings.v1",
 			},
 			Partitions:        6,
 			ReplicationFactor: -1,
@@ -287,14 +318,19 @@ func Default() Config {
 			MaxFutureSkew:      5 * time.Minute,
 			BackfillAge:        24 * time.Hour,
 			DeadLetterRawLimit: 64 << 10,
+			MappingReload:      5 * time.Second,
+			DedupeWindow:       10 * time.Minute,
+			DedupeMaxEntries:   1 << 20,
+			RateLimit:          defaultRateLimit(),
 		},
 		Stream: Stream{
-			Group:          "vigil-stream",
-			Window:         time.Minute,
-			OutOfOrderness: 5 * time.Second,
-			CommitInterval: 50 * time.Millisecond,
-			Staleness:      time.Hour,
-			MaxPollRecords: 10000,
+			Group:            "vigil-stream",
+			Window:           time.Minute,
+			OutOfOrderness:   5 * time.Second,
+			CommitInterval:   50 * time.Millisecond,
+			Staleness:        time.Hour,
+			MaxPollRecords:   10000,
+			StaticMembership: true,
 		},
 		Sink: Sink{
 			Group:         "vigil-sink",
@@ -317,8 +353,13 @@ func Default() Config {
 			RequestTimeout: 10 * time.Second,
 			RetryMax:       5 * time.Second,
 			MaxLag:         10 * time.Minute,
+			Gateways:       defaultSimGateways(),
 		},
-		Status: Status{Interval: 5 * time.Second},
+		Status:   Status{Interval: 5 * time.Second},
+		FHIR:     defaultFHIR(),
+		MLLP:     defaultMLLP(),
+		Waveform: defaultWaveform(),
+		MQTT:     defaultMQTT(),
 	}
 }
 
@@ -555,6 +596,7 @@ func (c *Config) Validate() error {
 	if c.Ingest.MaxAge < 0 {
 		bad("ingest.max_age", "must not be negative")
 	}
+	c.Ingest.validateExtra(bad)
 	if c.Stream.Group == "" {
 		bad("stream.group", "must not be empty")
 	}
@@ -624,6 +666,11 @@ func (c *Config) Validate() error {
 	if c.Simulator.MaxLag < time.Second {
 		bad("simulator.max_lag", "must be at least 1s, got %s", c.Simulator.MaxLag)
 	}
+	c.Simulator.Gateways.validate(bad)
+	c.FHIR.validate(bad)
+	c.MLLP.validate(bad)
+	c.Waveform.validate(bad)
+	c.MQTT.validate(bad)
 	if c.Status.Interval < 0 {
 		bad("status.interval", "must not be negative")
 	}

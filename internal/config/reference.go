@@ -11,23 +11,26 @@ import (
 
 // Reference renders the configuration reference as a Markdown table (path,
 // environment variable, default, meaning) from the doc comments of the
-// Config struct in src (the text of config.go). README.md embeds it; a test
-// keeps the two equal.
-func Reference(src []byte) (string, error) {
-	fset := token.NewFileSet()
-	f, err := parser.ParseFile(fset, "config.go", src, parser.ParseComments)
-	if err != nil {
-		return "", fmt.Errorf("parsing config source: %w", err)
-	}
+// Config struct in src (the text of config.go, followed by the texts of the
+// package's other files that declare section types). README.md embeds it; a
+// test keeps the two equal.
+func Reference(src []byte, more ...[]byte) (string, error) {
 	structs := map[string]*ast.StructType{}
-	ast.Inspect(f, func(n ast.Node) bool {
-		if ts, ok := n.(*ast.TypeSpec); ok {
-			if st, ok := ts.Type.(*ast.StructType); ok {
-				structs[ts.Name.Name] = st
-			}
+	for i, text := range append([][]byte{src}, more...) {
+		fset := token.NewFileSet()
+		f, err := parser.ParseFile(fset, fmt.Sprintf("source %d", i), text, parser.ParseComments)
+		if err != nil {
+			return "", fmt.Errorf("parsing config source: %w", err)
 		}
-		return true
-	})
+		ast.Inspect(f, func(n ast.Node) bool {
+			if ts, ok := n.(*ast.TypeSpec); ok {
+				if st, ok := ts.Type.(*ast.StructType); ok {
+					structs[ts.Name.Name] = st
+				}
+			}
+			return true
+		})
+	}
 	docs := map[string]string{}
 	var walkDocs func(typeName, prefix string)
 	walkDocs = func(typeName, prefix string) {

@@ -3,6 +3,7 @@ package config
 import (
 	"flag"
 	"os"
+	"path/filepath"
 	"strings"
 	"testing"
 )
@@ -21,7 +22,20 @@ func TestREADMEReference(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	table, err := Reference(src)
+	// Section types declared in the package's other files.
+	var more [][]byte
+	others, _ := filepath.Glob("*.go")
+	for _, name := range others {
+		if name == "config.go" || strings.HasSuffix(name, "_test.go") {
+			continue
+		}
+		text, err := os.ReadFile(name)
+		if err != nil {
+			t.Fatal(err)
+		}
+		more = append(more, text)
+	}
+	table, err := Reference(src, more...)
 	if err != nil {
 		t.Fatal(err)
 	}

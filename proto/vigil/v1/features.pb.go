@@ -100,7 +100,18 @@ type Feature struct {
 	// rate is unknown.
 	Completeness float64 `protobuf:"fixed64,15,opt,name=completeness,proto3" json:"completeness,omitempty"`
 	// Derived features keyed by name (e.g. "desat_events").
-	Derived       map[string]float64 `protobuf:"bytes,16,rep,name=derived,proto3" json:"derived,omitempty" protobuf_key:"bytes,1,opt,name=key" protobuf_val:"fixed64,2,opt,name=value"`
+	Derived map[string]float64 `protobuf:"bytes,16,rep,name=derived,proto3" json:"derived,omitempty" protobuf_key:"bytes,1,opt,name=key" protobuf_val:"fixed64,2,opt,name=value"`
+	// Quartiles (median is the 50th percentile). Percentiles are exact at the
+	// metric's resolution (window spec `decimals`), linear between ranks
+	// (numpy's default, type 7).
+	P25 float64 `protobuf:"fixed64,17,opt,name=p25,proto3" json:"p25,omitempty"`
+	P75 float64 `protobuf:"fixed64,18,opt,name=p75,proto3" json:"p75,omitempty"`
+	// Event time from the last sample to the window end, ms.
+	SinceLastMs int64 `protobuf:"varint,19,opt,name=since_last_ms,json=sinceLastMs,proto3" json:"since_last_ms,omitempty"`
+	// True when the feature is computed from other metrics of the window
+	// (mean_arterial_pressure where not measured, pulse_pressure,
+	// shock_index) rather than measured: only count, mean and last are set.
+	DerivedMetric bool `protobuf:"varint,20,opt,name=derived_metric,json=derivedMetric,proto3" json:"derived_metric,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -247,6 +258,34 @@ func (x *Feature) GetDerived() map[string]float64 {
 	return nil
 }
 
+func (x *Feature) GetP25() float64 {
+	if x != nil {
+		return x.P25
+	}
+	return 0
+}
+
+func (x *Feature) GetP75() float64 {
+	if x != nil {
+		return x.P75
+	}
+	return 0
+}
+
+func (x *Feature) GetSinceLastMs() int64 {
+	if x != nil {
+		return x.SinceLastMs
+	}
+	return 0
+}
+
+func (x *Feature) GetDerivedMetric() bool {
+	if x != nil {
+		return x.DerivedMetric
+	}
+	return false
+}
+
 // FeatureWindow is the value of topic vigil.features.v1, keyed
 // "<tenant>/<patient>": the features of one patient for one closed window.
 type FeatureWindow struct {
@@ -268,7 +307,9 @@ type FeatureWindow struct {
 	// Processing time of emission, Unix epoch ms (diagnostic only).
 	EmittedTimeMs int64 `protobuf:"varint,11,opt,name=emitted_time_ms,json=emittedTimeMs,proto3" json:"emitted_time_ms,omitempty"`
 	// Watermark of the patient when the window closed, Unix epoch ms.
-	WatermarkMs   int64 `protobuf:"varint,12,opt,name=watermark_ms,json=watermarkMs,proto3" json:"watermark_ms,omitempty"`
+	WatermarkMs int64 `protobuf:"varint,12,opt,name=watermark_ms,json=watermarkMs,proto3" json:"watermark_ms,omitempty"`
+	// Name of the window in the window spec (e.g. "1m", "5m", "activity").
+	Window        string `protobuf:"bytes,13,opt,name=window,proto3" json:"window,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -387,11 +428,18 @@ func (x *FeatureWindow) GetWatermarkMs() int64 {
 	return 0
 }
 
+func (x *FeatureWindow) GetWindow() string {
+	if x != nil {
+		return x.Window
+	}
+	return ""
+}
+
 var File_vigil_v1_features_proto protoreflect.FileDescriptor
 
 const file_vigil_v1_features_proto_rawDesc = "" +
 	"\n" +
-	"\x17vigil/v1/features.proto\x12\bvigil.v1\"\xe9\x03\n" +
+	"\x17vigil/v1/features.proto\x12\bvigil.v1\"\xd8\x04\n" +
 	"\aFeature\x12\x16\n" +
 	"\x06metric\x18\x01 \x01(\tR\x06metric\x12\x12\n" +
 	"\x04unit\x18\x02 \x01(\tR\x04unit\x12\x14\n" +
@@ -410,10 +458,14 @@ const file_vigil_v1_features_proto_rawDesc = "" +
 	"\x03p95\x18\r \x01(\x01R\x03p95\x12\"\n" +
 	"\rfirst_time_ms\x18\x0e \x01(\x03R\vfirstTimeMs\x12\"\n" +
 	"\fcompleteness\x18\x0f \x01(\x01R\fcompleteness\x128\n" +
-	"\aderived\x18\x10 \x03(\v2\x1e.vigil.v1.Feature.DerivedEntryR\aderived\x1a:\n" +
+	"\aderived\x18\x10 \x03(\v2\x1e.vigil.v1.Feature.DerivedEntryR\aderived\x12\x10\n" +
+	"\x03p25\x18\x11 \x01(\x01R\x03p25\x12\x10\n" +
+	"\x03p75\x18\x12 \x01(\x01R\x03p75\x12\"\n" +
+	"\rsince_last_ms\x18\x13 \x01(\x03R\vsinceLastMs\x12%\n" +
+	"\x0ederived_metric\x18\x14 \x01(\bR\rderivedMetric\x1a:\n" +
 	"\fDerivedEntry\x12\x10\n" +
 	"\x03key\x18\x01 \x01(\tR\x03key\x12\x14\n" +
-	"\x05value\x18\x02 \x01(\x01R\x05value:\x028\x01\"\x8a\x03\n" +
+	"\x05value\x18\x02 \x01(\x01R\x05value:\x028\x01\"\xa2\x03\n" +
 	"\rFeatureWindow\x12%\n" +
 	"\x0eschema_version\x18\x01 \x01(\rR\rschemaVersion\x12\x16\n" +
 	"\x06tenant\x18\x02 \x01(\tR\x06tenant\x12\x18\n" +
@@ -427,7 +479,8 @@ const file_vigil_v1_features_proto_rawDesc = "" +
 	"\bfeatures\x18\n" +
 	" \x03(\v2\x11.vigil.v1.FeatureR\bfeatures\x12&\n" +
 	"\x0femitted_time_ms\x18\v \x01(\x03R\remittedTimeMs\x12!\n" +
-	"\fwatermark_ms\x18\f \x01(\x03R\vwatermarkMs*u\n" +
+	"\fwatermark_ms\x18\f \x01(\x03R\vwatermarkMs\x12\x16\n" +
+	"\x06window\x18\r \x01(\tR\x06window*u\n" +
 	"\n" +
 	"WindowKind\x12\x1b\n" +
 	"\x17WINDOW_KIND_UNSPECIFIED\x10\x00\x12\x18\n" +

@@ -390,8 +390,17 @@ type PatientState struct {
 	// was already emitted: the window-end score for such a time is not emitted
 	// again (it would share its deterministic id).
 	BoundaryScoreTimesMs []int64 `protobuf:"varint,13,rep,packed,name=boundary_score_times_ms,json=boundaryScoreTimesMs,proto3" json:"boundary_score_times_ms,omitempty"`
-	unknownFields        protoimpl.UnknownFields
-	sizeCache            protoimpl.SizeCache
+	// Schema 2 (features/window panes): the patient's event-time watermark,
+	// Unix epoch ms (monotone; idle timeouts advance it past max_event_time).
+	WatermarkMs int64 `protobuf:"varint,14,opt,name=watermark_ms,json=watermarkMs,proto3" json:"watermark_ms,omitempty"`
+	// Window state per metric, sorted by metric (replaces windows).
+	Series []*WindowSeries `protobuf:"bytes,15,rep,name=series,proto3" json:"series,omitempty"`
+	// Versions of closed windows already corrected by late samples.
+	Corrections []*WindowCorrection `protobuf:"bytes,16,rep,name=corrections,proto3" json:"corrections,omitempty"`
+	// Set when the patient's state was written by features/window panes.
+	Panes         bool `protobuf:"varint,17,opt,name=panes,proto3" json:"panes,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
 }
 
 func (x *PatientState) Reset() {
@@ -515,6 +524,493 @@ func (x *PatientState) GetBoundaryScoreTimesMs() []int64 {
 	return nil
 }
 
+func (x *PatientState) GetWatermarkMs() int64 {
+	if x != nil {
+		return x.WatermarkMs
+	}
+	return 0
+}
+
+func (x *PatientState) GetSeries() []*WindowSeries {
+	if x != nil {
+		return x.Series
+	}
+	return nil
+}
+
+func (x *PatientState) GetCorrections() []*WindowCorrection {
+	if x != nil {
+		return x.Corrections
+	}
+	return nil
+}
+
+func (x *PatientState) GetPanes() bool {
+	if x != nil {
+		return x.Panes
+	}
+	return false
+}
+
+// WindowPane is the aggregate of one metric over one pane (the greatest
+// common divisor of the window spec's sizes and steps) or one open session.
+// Values are kept as integer keys at the metric's resolution
+// (value * 10^decimals); x is event time minus start_ms (ms for panes,
+// whole seconds for sessions).
+type WindowPane struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	StartMs       int64                  `protobuf:"varint,1,opt,name=start_ms,json=startMs,proto3" json:"start_ms,omitempty"`
+	Count         uint32                 `protobuf:"varint,2,opt,name=count,proto3" json:"count,omitempty"`
+	FirstOffsetMs int32                  `protobuf:"varint,3,opt,name=first_offset_ms,json=firstOffsetMs,proto3" json:"first_offset_ms,omitempty"`
+	LastOffsetMs  int32                  `protobuf:"varint,4,opt,name=last_offset_ms,json=lastOffsetMs,proto3" json:"last_offset_ms,omitempty"`
+	LastKey       int32                  `protobuf:"zigzag32,5,opt,name=last_key,json=lastKey,proto3" json:"last_key,omitempty"`
+	SumK          int64                  `protobuf:"zigzag64,6,opt,name=sum_k,json=sumK,proto3" json:"sum_k,omitempty"`
+	SumKk         int64                  `protobuf:"zigzag64,7,opt,name=sum_kk,json=sumKk,proto3" json:"sum_kk,omitempty"`
+	SumX          int64                  `protobuf:"zigzag64,8,opt,name=sum_x,json=sumX,proto3" json:"sum_x,omitempty"`
+	SumXx         int64                  `protobuf:"zigzag64,9,opt,name=sum_xx,json=sumXx,proto3" json:"sum_xx,omitempty"`
+	SumXy         int64                  `protobuf:"zigzag64,10,opt,name=sum_xy,json=sumXy,proto3" json:"sum_xy,omitempty"`
+	// Sorted distinct keys and their counts (parallel).
+	RunKeys   []int32  `protobuf:"zigzag32,11,rep,packed,name=run_keys,json=runKeys,proto3" json:"run_keys,omitempty"`
+	RunCounts []uint32 `protobuf:"varint,12,rep,packed,name=run_counts,json=runCounts,proto3" json:"run_counts,omitempty"`
+	// SpO2 desaturation events that qualified in this pane.
+	DesatEvents uint32 `protobuf:"varint,13,opt,name=desat_events,json=desatEvents,proto3" json:"desat_events,omitempty"`
+	// Occupied-seconds bitmap for wear time.
+	Occupied      uint64 `protobuf:"varint,14,opt,name=occupied,proto3" json:"occupied,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *WindowPane) Reset() {
+	*x = WindowPane{}
+	mi := &file_vigil_v1_state_proto_msgTypes[4]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *WindowPane) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*WindowPane) ProtoMessage() {}
+
+func (x *WindowPane) ProtoReflect() protoreflect.Message {
+	mi := &file_vigil_v1_state_proto_msgTypes[4]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use WindowPane.ProtoReflect.Descriptor instead.
+func (*WindowPane) Descriptor() ([]byte, []int) {
+	return file_vigil_v1_state_proto_rawDescGZIP(), []int{4}
+}
+
+func (x *WindowPane) GetStartMs() int64 {
+	if x != nil {
+		return x.StartMs
+	}
+	return 0
+}
+
+func (x *WindowPane) GetCount() uint32 {
+	if x != nil {
+		return x.Count
+	}
+	return 0
+}
+
+func (x *WindowPane) GetFirstOffsetMs() int32 {
+	if x != nil {
+		return x.FirstOffsetMs
+	}
+	return 0
+}
+
+func (x *WindowPane) GetLastOffsetMs() int32 {
+	if x != nil {
+		return x.LastOffsetMs
+	}
+	return 0
+}
+
+func (x *WindowPane) GetLastKey() int32 {
+	if x != nil {
+		return x.LastKey
+	}
+	return 0
+}
+
+func (x *WindowPane) GetSumK() int64 {
+	if x != nil {
+		return x.SumK
+	}
+	return 0
+}
+
+func (x *WindowPane) GetSumKk() int64 {
+	if x != nil {
+		return x.SumKk
+	}
+	return 0
+}
+
+func (x *WindowPane) GetSumX() int64 {
+	if x != nil {
+		return x.SumX
+	}
+	return 0
+}
+
+func (x *WindowPane) GetSumXx() int64 {
+	if x != nil {
+		return x.SumXx
+	}
+	return 0
+}
+
+func (x *WindowPane) GetSumXy() int64 {
+	if x != nil {
+		return x.SumXy
+	}
+	return 0
+}
+
+func (x *WindowPane) GetRunKeys() []int32 {
+	if x != nil {
+		return x.RunKeys
+	}
+	return nil
+}
+
+func (x *WindowPane) GetRunCounts() []uint32 {
+	if x != nil {
+		return x.RunCounts
+	}
+	return nil
+}
+
+func (x *WindowPane) GetDesatEvents() uint32 {
+	if x != nil {
+		return x.DesatEvents
+	}
+	return 0
+}
+
+func (x *WindowPane) GetOccupied() uint64 {
+	if x != nil {
+		return x.Occupied
+	}
+	return 0
+}
+
+// TimedValue is one sample kept in event-time order.
+type TimedValue struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	TimeMs        int64                  `protobuf:"varint,1,opt,name=time_ms,json=timeMs,proto3" json:"time_ms,omitempty"`
+	Key           int32                  `protobuf:"zigzag32,2,opt,name=key,proto3" json:"key,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *TimedValue) Reset() {
+	*x = TimedValue{}
+	mi := &file_vigil_v1_state_proto_msgTypes[5]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *TimedValue) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*TimedValue) ProtoMessage() {}
+
+func (x *TimedValue) ProtoReflect() protoreflect.Message {
+	mi := &file_vigil_v1_state_proto_msgTypes[5]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use TimedValue.ProtoReflect.Descriptor instead.
+func (*TimedValue) Descriptor() ([]byte, []int) {
+	return file_vigil_v1_state_proto_rawDescGZIP(), []int{5}
+}
+
+func (x *TimedValue) GetTimeMs() int64 {
+	if x != nil {
+		return x.TimeMs
+	}
+	return 0
+}
+
+func (x *TimedValue) GetKey() int32 {
+	if x != nil {
+		return x.Key
+	}
+	return 0
+}
+
+// DesatState is the SpO2 desaturation detector of one patient.
+type DesatState struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// Samples above the watermark, waiting to be processed in event-time order.
+	Pending       []*TimedValue `protobuf:"bytes,1,rep,name=pending,proto3" json:"pending,omitempty"`
+	Started       bool          `protobuf:"varint,2,opt,name=started,proto3" json:"started,omitempty"`
+	PaneMs        int64         `protobuf:"varint,3,opt,name=pane_ms,json=paneMs,proto3" json:"pane_ms,omitempty"`
+	HasBaseline   bool          `protobuf:"varint,4,opt,name=has_baseline,json=hasBaseline,proto3" json:"has_baseline,omitempty"`
+	BaselineKey   int32         `protobuf:"zigzag32,5,opt,name=baseline_key,json=baselineKey,proto3" json:"baseline_key,omitempty"`
+	InEvent       bool          `protobuf:"varint,6,opt,name=in_event,json=inEvent,proto3" json:"in_event,omitempty"`
+	EventStartMs  int64         `protobuf:"varint,7,opt,name=event_start_ms,json=eventStartMs,proto3" json:"event_start_ms,omitempty"`
+	EventLastMs   int64         `protobuf:"varint,8,opt,name=event_last_ms,json=eventLastMs,proto3" json:"event_last_ms,omitempty"`
+	Counted       bool          `protobuf:"varint,9,opt,name=counted,proto3" json:"counted,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *DesatState) Reset() {
+	*x = DesatState{}
+	mi := &file_vigil_v1_state_proto_msgTypes[6]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *DesatState) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*DesatState) ProtoMessage() {}
+
+func (x *DesatState) ProtoReflect() protoreflect.Message {
+	mi := &file_vigil_v1_state_proto_msgTypes[6]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use DesatState.ProtoReflect.Descriptor instead.
+func (*DesatState) Descriptor() ([]byte, []int) {
+	return file_vigil_v1_state_proto_rawDescGZIP(), []int{6}
+}
+
+func (x *DesatState) GetPending() []*TimedValue {
+	if x != nil {
+		return x.Pending
+	}
+	return nil
+}
+
+func (x *DesatState) GetStarted() bool {
+	if x != nil {
+		return x.Started
+	}
+	return false
+}
+
+func (x *DesatState) GetPaneMs() int64 {
+	if x != nil {
+		return x.PaneMs
+	}
+	return 0
+}
+
+func (x *DesatState) GetHasBaseline() bool {
+	if x != nil {
+		return x.HasBaseline
+	}
+	return false
+}
+
+func (x *DesatState) GetBaselineKey() int32 {
+	if x != nil {
+		return x.BaselineKey
+	}
+	return 0
+}
+
+func (x *DesatState) GetInEvent() bool {
+	if x != nil {
+		return x.InEvent
+	}
+	return false
+}
+
+func (x *DesatState) GetEventStartMs() int64 {
+	if x != nil {
+		return x.EventStartMs
+	}
+	return 0
+}
+
+func (x *DesatState) GetEventLastMs() int64 {
+	if x != nil {
+		return x.EventLastMs
+	}
+	return 0
+}
+
+func (x *DesatState) GetCounted() bool {
+	if x != nil {
+		return x.Counted
+	}
+	return false
+}
+
+// WindowSeries is the window state of one metric of one patient.
+type WindowSeries struct {
+	state  protoimpl.MessageState `protogen:"open.v1"`
+	Metric string                 `protobuf:"bytes,1,opt,name=metric,proto3" json:"metric,omitempty"`
+	Panes  []*WindowPane          `protobuf:"bytes,2,rep,name=panes,proto3" json:"panes,omitempty"`
+	// Samples in event-time order (metrics with hrv).
+	Sequence []*TimedValue `protobuf:"bytes,3,rep,name=sequence,proto3" json:"sequence,omitempty"`
+	// The open session windows (start_ms = first sample's event time).
+	Sessions      []*WindowPane `protobuf:"bytes,4,rep,name=sessions,proto3" json:"sessions,omitempty"`
+	Desaturation  *DesatState   `protobuf:"bytes,5,opt,name=desaturation,proto3" json:"desaturation,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *WindowSeries) Reset() {
+	*x = WindowSeries{}
+	mi := &file_vigil_v1_state_proto_msgTypes[7]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *WindowSeries) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*WindowSeries) ProtoMessage() {}
+
+func (x *WindowSeries) ProtoReflect() protoreflect.Message {
+	mi := &file_vigil_v1_state_proto_msgTypes[7]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use WindowSeries.ProtoReflect.Descriptor instead.
+func (*WindowSeries) Descriptor() ([]byte, []int) {
+	return file_vigil_v1_state_proto_rawDescGZIP(), []int{7}
+}
+
+func (x *WindowSeries) GetMetric() string {
+	if x != nil {
+		return x.Metric
+	}
+	return ""
+}
+
+func (x *WindowSeries) GetPanes() []*WindowPane {
+	if x != nil {
+		return x.Panes
+	}
+	return nil
+}
+
+func (x *WindowSeries) GetSequence() []*TimedValue {
+	if x != nil {
+		return x.Sequence
+	}
+	return nil
+}
+
+func (x *WindowSeries) GetSessions() []*WindowPane {
+	if x != nil {
+		return x.Sessions
+	}
+	return nil
+}
+
+func (x *WindowSeries) GetDesaturation() *DesatState {
+	if x != nil {
+		return x.Desaturation
+	}
+	return nil
+}
+
+// WindowCorrection is the last emitted version of a corrected window.
+type WindowCorrection struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Window        string                 `protobuf:"bytes,1,opt,name=window,proto3" json:"window,omitempty"`
+	EndMs         int64                  `protobuf:"varint,2,opt,name=end_ms,json=endMs,proto3" json:"end_ms,omitempty"`
+	Version       uint32                 `protobuf:"varint,3,opt,name=version,proto3" json:"version,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *WindowCorrection) Reset() {
+	*x = WindowCorrection{}
+	mi := &file_vigil_v1_state_proto_msgTypes[8]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *WindowCorrection) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*WindowCorrection) ProtoMessage() {}
+
+func (x *WindowCorrection) ProtoReflect() protoreflect.Message {
+	mi := &file_vigil_v1_state_proto_msgTypes[8]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use WindowCorrection.ProtoReflect.Descriptor instead.
+func (*WindowCorrection) Descriptor() ([]byte, []int) {
+	return file_vigil_v1_state_proto_rawDescGZIP(), []int{8}
+}
+
+func (x *WindowCorrection) GetWindow() string {
+	if x != nil {
+		return x.Window
+	}
+	return ""
+}
+
+func (x *WindowCorrection) GetEndMs() int64 {
+	if x != nil {
+		return x.EndMs
+	}
+	return 0
+}
+
+func (x *WindowCorrection) GetVersion() uint32 {
+	if x != nil {
+		return x.Version
+	}
+	return 0
+}
+
 var File_vigil_v1_state_proto protoreflect.FileDescriptor
 
 const file_vigil_v1_state_proto_rawDesc = "" +
@@ -552,7 +1048,7 @@ const file_vigil_v1_state_proto_rawDesc = "" +
 	"\x05value\x18\x02 \x01(\x01R\x05value\x12\x12\n" +
 	"\x04unit\x18\x03 \x01(\tR\x04unit\x12\"\n" +
 	"\revent_time_ms\x18\x04 \x01(\x03R\veventTimeMs\x12$\n" +
-	"\x0eingest_time_ms\x18\x05 \x01(\x03R\fingestTimeMs\"\x81\x06\n" +
+	"\x0eingest_time_ms\x18\x05 \x01(\x03R\fingestTimeMs\"\xa8\a\n" +
 	"\fPatientState\x12%\n" +
 	"\x0eschema_version\x18\x01 \x01(\rR\rschemaVersion\x12\x16\n" +
 	"\x06tenant\x18\x02 \x01(\tR\x06tenant\x12\x18\n" +
@@ -570,13 +1066,60 @@ const file_vigil_v1_state_proto_rawDesc = "" +
 	" \x03(\v2\x15.vigil.v1.LatestValueR\fclosedLatest\x12+\n" +
 	"\x06alerts\x18\v \x03(\v2\x13.vigil.v1.OpenAlertR\x06alerts\x12+\n" +
 	"\x12alert_eval_time_ms\x18\f \x01(\x03R\x0falertEvalTimeMs\x125\n" +
-	"\x17boundary_score_times_ms\x18\r \x03(\x03R\x14boundaryScoreTimesMs\x1a=\n" +
+	"\x17boundary_score_times_ms\x18\r \x03(\x03R\x14boundaryScoreTimesMs\x12!\n" +
+	"\fwatermark_ms\x18\x0e \x01(\x03R\vwatermarkMs\x12.\n" +
+	"\x06series\x18\x0f \x03(\v2\x16.vigil.v1.WindowSeriesR\x06series\x12<\n" +
+	"\vcorrections\x18\x10 \x03(\v2\x1a.vigil.v1.WindowCorrectionR\vcorrections\x12\x14\n" +
+	"\x05panes\x18\x11 \x01(\bR\x05panes\x1a=\n" +
 	"\x0fOpenAlertsEntry\x12\x10\n" +
 	"\x03key\x18\x01 \x01(\tR\x03key\x12\x14\n" +
 	"\x05value\x18\x02 \x01(\tR\x05value:\x028\x01\x1aN\n" +
 	"\x0fLastScoresEntry\x12\x10\n" +
 	"\x03key\x18\x01 \x01(\tR\x03key\x12%\n" +
-	"\x05value\x18\x02 \x01(\v2\x0f.vigil.v1.ScoreR\x05value:\x028\x01B5Z3github.com/vigilhealth/vigil/proto/vigil/v1;vigilv1b\x06proto3"
+	"\x05value\x18\x02 \x01(\v2\x0f.vigil.v1.ScoreR\x05value:\x028\x01\"\x8e\x03\n" +
+	"\n" +
+	"WindowPane\x12\x19\n" +
+	"\bstart_ms\x18\x01 \x01(\x03R\astartMs\x12\x14\n" +
+	"\x05count\x18\x02 \x01(\rR\x05count\x12&\n" +
+	"\x0ffirst_offset_ms\x18\x03 \x01(\x05R\rfirstOffsetMs\x12$\n" +
+	"\x0elast_offset_ms\x18\x04 \x01(\x05R\flastOffsetMs\x12\x19\n" +
+	"\blast_key\x18\x05 \x01(\x11R\alastKey\x12\x13\n" +
+	"\x05sum_k\x18\x06 \x01(\x12R\x04sumK\x12\x15\n" +
+	"\x06sum_kk\x18\a \x01(\x12R\x05sumKk\x12\x13\n" +
+	"\x05sum_x\x18\b \x01(\x12R\x04sumX\x12\x15\n" +
+	"\x06sum_xx\x18\t \x01(\x12R\x05sumXx\x12\x15\n" +
+	"\x06sum_xy\x18\n" +
+	" \x01(\x12R\x05sumXy\x12\x19\n" +
+	"\brun_keys\x18\v \x03(\x11R\arunKeys\x12\x1d\n" +
+	"\n" +
+	"run_counts\x18\f \x03(\rR\trunCounts\x12!\n" +
+	"\fdesat_events\x18\r \x01(\rR\vdesatEvents\x12\x1a\n" +
+	"\boccupied\x18\x0e \x01(\x04R\boccupied\"7\n" +
+	"\n" +
+	"TimedValue\x12\x17\n" +
+	"\atime_ms\x18\x01 \x01(\x03R\x06timeMs\x12\x10\n" +
+	"\x03key\x18\x02 \x01(\x11R\x03key\"\xb4\x02\n" +
+	"\n" +
+	"DesatState\x12.\n" +
+	"\apending\x18\x01 \x03(\v2\x14.vigil.v1.TimedValueR\apending\x12\x18\n" +
+	"\astarted\x18\x02 \x01(\bR\astarted\x12\x17\n" +
+	"\apane_ms\x18\x03 \x01(\x03R\x06paneMs\x12!\n" +
+	"\fhas_baseline\x18\x04 \x01(\bR\vhasBaseline\x12!\n" +
+	"\fbaseline_key\x18\x05 \x01(\x11R\vbaselineKey\x12\x19\n" +
+	"\bin_event\x18\x06 \x01(\bR\ainEvent\x12$\n" +
+	"\x0eevent_start_ms\x18\a \x01(\x03R\feventStartMs\x12\"\n" +
+	"\revent_last_ms\x18\b \x01(\x03R\veventLastMs\x12\x18\n" +
+	"\acounted\x18\t \x01(\bR\acounted\"\xf0\x01\n" +
+	"\fWindowSeries\x12\x16\n" +
+	"\x06metric\x18\x01 \x01(\tR\x06metric\x12*\n" +
+	"\x05panes\x18\x02 \x03(\v2\x14.vigil.v1.WindowPaneR\x05panes\x120\n" +
+	"\bsequence\x18\x03 \x03(\v2\x14.vigil.v1.TimedValueR\bsequence\x120\n" +
+	"\bsessions\x18\x04 \x03(\v2\x14.vigil.v1.WindowPaneR\bsessions\x128\n" +
+	"\fdesaturation\x18\x05 \x01(\v2\x14.vigil.v1.DesatStateR\fdesaturation\"[\n" +
+	"\x10WindowCorrection\x12\x16\n" +
+	"\x06window\x18\x01 \x01(\tR\x06window\x12\x15\n" +
+	"\x06end_ms\x18\x02 \x01(\x03R\x05endMs\x12\x18\n" +
+	"\aversion\x18\x03 \x01(\rR\aversionB5Z3github.com/vigilhealth/vigil/proto/vigil/v1;vigilv1b\x06proto3"
 
 var (
 	file_vigil_v1_state_proto_rawDescOnce sync.Once
@@ -590,29 +1133,41 @@ func file_vigil_v1_state_proto_rawDescGZIP() []byte {
 	return file_vigil_v1_state_proto_rawDescData
 }
 
-var file_vigil_v1_state_proto_msgTypes = make([]protoimpl.MessageInfo, 6)
+var file_vigil_v1_state_proto_msgTypes = make([]protoimpl.MessageInfo, 11)
 var file_vigil_v1_state_proto_goTypes = []any{
-	(*OpenWindow)(nil),   // 0: vigil.v1.OpenWindow
-	(*OpenAlert)(nil),    // 1: vigil.v1.OpenAlert
-	(*LatestValue)(nil),  // 2: vigil.v1.LatestValue
-	(*PatientState)(nil), // 3: vigil.v1.PatientState
-	nil,                  // 4: vigil.v1.PatientState.OpenAlertsEntry
-	nil,                  // 5: vigil.v1.PatientState.LastScoresEntry
-	(*Score)(nil),        // 6: vigil.v1.Score
+	(*OpenWindow)(nil),       // 0: vigil.v1.OpenWindow
+	(*OpenAlert)(nil),        // 1: vigil.v1.OpenAlert
+	(*LatestValue)(nil),      // 2: vigil.v1.LatestValue
+	(*PatientState)(nil),     // 3: vigil.v1.PatientState
+	(*WindowPane)(nil),       // 4: vigil.v1.WindowPane
+	(*TimedValue)(nil),       // 5: vigil.v1.TimedValue
+	(*DesatState)(nil),       // 6: vigil.v1.DesatState
+	(*WindowSeries)(nil),     // 7: vigil.v1.WindowSeries
+	(*WindowCorrection)(nil), // 8: vigil.v1.WindowCorrection
+	nil,                      // 9: vigil.v1.PatientState.OpenAlertsEntry
+	nil,                      // 10: vigil.v1.PatientState.LastScoresEntry
+	(*Score)(nil),            // 11: vigil.v1.Score
 }
 var file_vigil_v1_state_proto_depIdxs = []int32{
-	0, // 0: vigil.v1.PatientState.windows:type_name -> vigil.v1.OpenWindow
-	2, // 1: vigil.v1.PatientState.latest:type_name -> vigil.v1.LatestValue
-	4, // 2: vigil.v1.PatientState.open_alerts:type_name -> vigil.v1.PatientState.OpenAlertsEntry
-	5, // 3: vigil.v1.PatientState.last_scores:type_name -> vigil.v1.PatientState.LastScoresEntry
-	2, // 4: vigil.v1.PatientState.closed_latest:type_name -> vigil.v1.LatestValue
-	1, // 5: vigil.v1.PatientState.alerts:type_name -> vigil.v1.OpenAlert
-	6, // 6: vigil.v1.PatientState.LastScoresEntry.value:type_name -> vigil.v1.Score
-	7, // [7:7] is the sub-list for method output_type
-	7, // [7:7] is the sub-list for method input_type
-	7, // [7:7] is the sub-list for extension type_name
-	7, // [7:7] is the sub-list for extension extendee
-	0, // [0:7] is the sub-list for field type_name
+	0,  // 0: vigil.v1.PatientState.windows:type_name -> vigil.v1.OpenWindow
+	2,  // 1: vigil.v1.PatientState.latest:type_name -> vigil.v1.LatestValue
+	9,  // 2: vigil.v1.PatientState.open_alerts:type_name -> vigil.v1.PatientState.OpenAlertsEntry
+	10, // 3: vigil.v1.PatientState.last_scores:type_name -> vigil.v1.PatientState.LastScoresEntry
+	2,  // 4: vigil.v1.PatientState.closed_latest:type_name -> vigil.v1.LatestValue
+	1,  // 5: vigil.v1.PatientState.alerts:type_name -> vigil.v1.OpenAlert
+	7,  // 6: vigil.v1.PatientState.series:type_name -> vigil.v1.WindowSeries
+	8,  // 7: vigil.v1.PatientState.corrections:type_name -> vigil.v1.WindowCorrection
+	5,  // 8: vigil.v1.DesatState.pending:type_name -> vigil.v1.TimedValue
+	4,  // 9: vigil.v1.WindowSeries.panes:type_name -> vigil.v1.WindowPane
+	5,  // 10: vigil.v1.WindowSeries.sequence:type_name -> vigil.v1.TimedValue
+	4,  // 11: vigil.v1.WindowSeries.sessions:type_name -> vigil.v1.WindowPane
+	6,  // 12: vigil.v1.WindowSeries.desaturation:type_name -> vigil.v1.DesatState
+	11, // 13: vigil.v1.PatientState.LastScoresEntry.value:type_name -> vigil.v1.Score
+	14, // [14:14] is the sub-list for method output_type
+	14, // [14:14] is the sub-list for method input_type
+	14, // [14:14] is the sub-list for extension type_name
+	14, // [14:14] is the sub-list for extension extendee
+	0,  // [0:14] is the sub-list for field type_name
 }
 
 func init() { file_vigil_v1_state_proto_init() }
@@ -627,7 +1182,7 @@ func file_vigil_v1_state_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_vigil_v1_state_proto_rawDesc), len(file_vigil_v1_state_proto_rawDesc)),
 			NumEnums:      0,
-			NumMessages:   6,
+			NumMessages:   11,
 			NumExtensions: 0,
 			NumServices:   0,
 		},

@@ -1,0 +1,270 @@
+package binding
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/prometheus/client_golang/prometheus"
+	"github.com/prometheus/client_golang/prometheus/testutil"
+
+	"github.com/vigilhealth/vigil/internal/config"
+	"github.com/vigilhealth/vigil/internal/stage"
+	"github.com/vigilhealth/vigil/internal/testenv"
+)
+
+func TestMain(m *testing.M) { testenv.Main(m) }
+
+// startStore runs a Store on cfg until the test ends and waits until it has
+// caught up.
+func startStore(t testing.TB, cfg config.Config, reg *prometheus.Registry) *Store {
+	t.Helper()
+	deps := stage.Deps{}
+	if reg != nil {
+		deps.Metrics = reg
+	}
+	s, err := New(cfg, deps)
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan error, 1)
+	go func() { done <- s.Run(ctx) }()
+	t.Cleanup(func() {
+		cancel()
+		if err := <-done; err != nil {
+			t.Errorf("binding store Run: %v", err)
+		}
+		if err := s.Close(context.Background()); err != nil {
+			t.Errorf("close: %v", err)
+		}
+		if err := s.Close(context.Background()); err != nil {
+			t.Errorf("second close: %v", err)
+		}
+	})
+	rctx, rcancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer rcancel()
+	if err := s.Ready(rctx); err != nil {
+		t.Fatal(err)
+	}
+	return s
+}
+
+func ms(s string) int64 {
+	t, err := time.Parse(time.RFC3339, s)
+	if err != nil {
+		panic(err)
+	}
+	return t.UnixMilli()
+}
+
+// eventually polls cond for up to 10 s.
+func eventually(t *testing.T, what string, cond func() bool) {
+	t.Helper()
+	deadline := time.Now().Add(10 * time.Second)
+	for !cond() {
+		if time.Now().After(deadline) {
+			t.Fatalf("timed out waiting for %s", what)
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+}
+
+func TestBedKey(t *testing.T) {
+	for _, tc := range []struct{ poc, room, bed, want string }{
+		{"ICU1", "12", "A", "bed:ICU1/12/A"},
+		{"ICU1", "", "7", "bed:ICU1/7"},
+		{" ICU1 ", "", "", "bed:ICU1"},
+		{"", "", "", ""},
+	} {
+		if got := BedKey(tc.poc, tc.room, tc.bed); got != tc.want {
+			t.Errorf("BedKey(%q, %q, %q) = %q, want %q", tc.poc, tc.room, tc.bed, got, tc.want)
+		}
+	}
+}
+
+// TestInstancesShareBindings: two ingest instances on one topic see each
+// other's writes; an instance started later reads them all back on start.
+func TestInstancesShareBindings(t *testing.T) {
+	cfg := testenv.Config(t, testenv.Kafka(t), "")
+	a, b := startStore(t, cfg, nil), startStore(t, cfg, nil)
+	ctx := context.Background()
+	t0 := ms("2026-11-23T08:00:00Z")
+
+	if err := a.Bind(ctx, Binding{Tenant: "st-mary", Device: "mon-1", Patient: "p-1", FromMs: t0, Source: SourceAPI, SetBy: "nurse-a"}); err != nil {
+		t.Fatal(err)
+	}
+	// Read-your-writes: visible in a at once.
+	if p, ok := a.Resolve("st-mary", "mon-1", t0+1000); !ok || p != "p-1" {
+		t.Fatalf("a resolves mon-1 to %q %v right after its own write, want p-1", p, ok)
+	}
+	eventually(t, "b to see a's binding", func() bool { p, ok := b.Resolve("st-mary", "mon-1", t0+1000); return ok && p == "p-1" })
+
+	if err := b.Bind(ctx, Binding{Tenant: "st-mary", Device: "mon-2", Patient: "p-2", FromMs: t0, Source: SourceADT}); err != nil {
+		t.Fatal(err)
+	}
+	eventually(t, "a to see b's binding", func() bool { p, ok := a.Resolve("st-mary", "mon-2", t0); return ok && p == "p-2" })
+	if _, ok := a.Resolve("other-tenant", "mon-2", t0); ok {
+		t.Error("a binding of st-mary resolved for another tenant")
+	}
+
+	c := startStore(t, cfg, nil) // a restarted instance
+	for dev, want := range map[string]string{"mon-1": "p-1", "mon-2": "p-2"} {
+		if p, ok := c.Resolve("st-mary", dev, t0+5000); !ok || p != want {
+			t.Errorf("new instance resolves %s to %q %v after Ready, want %s", dev, p, ok, want)
+		}
+	}
+	if h := c.Get("st-mary", "mon-1"); len(h) != 1 || h[0].SetBy != "nurse-a" || h[0].Source != SourceAPI {
+		t.Errorf("history of mon-1 on the new instance: %+v", h)
+	}
+}
+
+// TestADTSequence plays admit, transfer, re-use of the bed and discharge and
+// checks who each bed resolves to at every step, before and after.
+func TestADTSequence(t *testing.T) {
+	cfg := testenv.Config(t, testenv.Kafka(t), "")
+	s := startStore(t, cfg, nil)
+	ctx := context.Background()
+	bed12, bed14 := BedKey("ICU1", "12", "A"), BedKey("ICU1", "14", "")
+	var (
+		admit    = ms("2026-11-23T08:00:00Z")
+		transfer = ms("2026-11-23T10:00:00Z")
+		admit2   = ms("2026-11-23T11:00:00Z")
+		disch    = ms("2026-11-23T15:00:00Z")
+	)
+	must := func(err error) {
+		t.Helper()
+		if err != nil {
+			t.Fatal(err)
+		}
+	}
+	// A01: p-1 admitted to bed 12.
+	must(s.Bind(ctx, Binding{Tenant: "h", Device: bed12, Patient: "p-1", FromMs: admit, Source: SourceADT, SetBy: "MSG1"}))
+	// A02: p-1 moves to bed 14; bed 12 is freed.
+	must(s.Release(ctx, "h", bed12, transfer, SourceADT))
+	must(s.Bind(ctx, Binding{Tenant: "h", Device: bed14, Patient: "p-1", FromMs: transfer, Source: SourceADT, SetBy: "MSG2"}))
+	// A01: p-2 admitted to bed 12.
+	must(s.Bind(ctx, Binding{Tenant: "h", Device: bed12, Patient: "p-2", FromMs: admit2, Source: SourceADT, SetBy: "MSG3"}))
+	// A03: p-1 discharged.
+	must(s.ReleasePatient(ctx, "h", "p-1", disch, SourceADT))
+	// A repeated A03 changes nothing.
+	must(s.ReleasePatient(ctx, "h", "p-1", disch, SourceADT))
+
+	for _, tc := range []struct {
+		bed  string
+		at   int64
+		want string // "" = unbound
+	}{
+		{bed12, admit - 1, ""},
+		{bed12, admit, "p-1"},
+		{bed12, transfer - 1, "p-1"},
+		{bed12, transfer, ""},
+		{bed12, admit2 - 1, ""},
+		{bed12, admit2, "p-2"},
+		{bed12, disch + 3600_000, "p-2"}, // p-2 still in bed 12
+		{bed14, transfer - 1, ""},
+		{bed14, transfer, "p-1"},
+		{bed14, disch - 1, "p-1"},
+		{bed14, disch, ""},
+	} {
+		got, ok := s.Resolve("h", tc.bed, tc.at)
+		if got != tc.want || ok != (tc.want != "") {
+			t.Errorf("%s at %s: got %q %v, want %q", tc.bed, time.UnixMilli(tc.at).UTC().Format(time.TimeOnly), got, ok, tc.want)
+		}
+	}
+	h := s.Get("h", bed14)
+	if len(h) != 1 || h[0].ToMs != disch || h[0].EndSource != SourceADT {
+		t.Errorf("bed 14 history: %+v", h)
+	}
+	// The same sequence is what a restarted instance reads back.
+	r := startStore(t, cfg, nil)
+	if p, ok := r.Resolve("h", bed12, transfer+1); ok {
+		t.Errorf("restarted instance: bed 12 resolves to %q after the transfer", p)
+	}
+	if p, ok := r.Resolve("h", bed12, disch); !ok || p != "p-2" {
+		t.Errorf("restarted instance: bed 12 at discharge: %q %v", p, ok)
+	}
+}
+
+func TestHistoryIsBounded(t *testing.T) {
+	cfg := testenv.Config(t, testenv.Kafka(t), "")
+	reg := prometheus.NewRegistry()
+	s := startStore(t, cfg, reg)
+	t0 := ms("2026-11-23T00:00:00Z")
+	n := MaxIntervals + 8
+	for i := range n {
+		if err := s.Bind(context.Background(), Binding{Tenant: "h", Device: "d", Patient: fmt.Sprintf("p-%d", i),
+			FromMs: t0 + int64(i)*60_000, Source: SourceAPI}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	h := s.Get("h", "d")
+	if len(h) != MaxIntervals || h[0].Patient != "p-8" || h[len(h)-1].Patient != fmt.Sprintf("p-%d", n-1) {
+		t.Fatalf("history: %d intervals from %s to %s, want %d from p-8", len(h), h[0].Patient, h[len(h)-1].Patient, MaxIntervals)
+	}
+	if got := testutil.ToFloat64(s.m.dropped); got != 8 {
+		t.Errorf("vigil_binding_intervals_dropped_total = %v, want 8", got)
+	}
+	if _, ok := s.Resolve("h", "d", t0); ok {
+		t.Error("a dropped interval still resolves")
+	}
+}
+
+func TestBindRejectsInvalid(t *testing.T) {
+	cfg := testenv.Config(t, testenv.Kafka(t), "")
+	s := startStore(t, cfg, nil)
+	err := s.Bind(context.Background(), Binding{Tenant: "a/b", Device: "d", Patient: "p", FromMs: 10, ToMs: 5})
+	var inv *InvalidError
+	if err == nil || !asInvalid(err, &inv) {
+		t.Fatalf("got %v, want an InvalidError", err)
+	}
+	for _, f := range []string{"tenant", "to"} {
+		if !contains(err.Error(), f+":") {
+			t.Errorf("error %q does not name %s", err, f)
+		}
+	}
+}
+
+// TestBindIntervals checks the interval algebra on its own.
+func TestBindIntervals(t *testing.T) {
+	iv := func(p string, from, to int64) Interval { return Interval{Patient: p, FromMs: from, ToMs: to} }
+	type span struct {
+		p        string
+		from, to int64
+	}
+	spans := func(ivs []Interval) []span {
+		var out []span
+		for _, x := range ivs {
+			out = append(out, span{x.Patient, x.FromMs, x.ToMs})
+		}
+		return out
+	}
+	for _, tc := range []struct {
+		name string
+		cur  []Interval
+		nw   Interval
+		want []span
+	}{
+		{"open replaces open", []Interval{iv("a", 10, 0)}, iv("b", 20, 0), []span{{"a", 10, 20}, {"b", 20, 0}}},
+		{"same start corrects", []Interval{iv("a", 10, 0)}, iv("b", 10, 0), []span{{"b", 10, 0}}},
+		{"bounded override resumes", []Interval{iv("a", 10, 0)}, iv("b", 20, 30), []span{{"a", 10, 20}, {"b", 20, 30}, {"a", 30, 0}}},
+		{"retro open stops at later", []Interval{iv("a", 50, 0)}, iv("b", 20, 0), []span{{"b", 20, 50}, {"a", 50, 0}}},
+		{"bounded covers later", []Interval{iv("a", 10, 20), iv("c", 25, 0)}, iv("b", 15, 40), []span{{"a", 10, 15}, {"b", 15, 40}, {"c", 40, 0}}},
+		{"gap kept", []Interval{iv("a", 10, 20)}, iv("b", 30, 0), []span{{"a", 10, 20}, {"b", 30, 0}}},
+	} {
+		got, changed := bind(tc.cur, tc.nw)
+		if !changed || fmt.Sprint(spans(got)) != fmt.Sprint(tc.want) {
+			t.Errorf("%s: got %v (changed %v), want %v", tc.name, spans(got), changed, tc.want)
+		}
+	}
+	if _, changed := bind([]Interval{iv("a", 10, 0)}, iv("a", 20, 0)); changed {
+		t.Error("re-binding the patient already bound (open) changed the history")
+	}
+}
+
+func asInvalid(err error, target **InvalidError) bool { return errors.As(err, target) }
+
+func contains(s, sub string) bool { return strings.Contains(s, sub) }

@@ -1,0 +1,145 @@
+package dedupe
+
+import (
+	"fmt"
+	"sync"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	"github.com/prometheus/client_golang/prometheus"
+
+	"github.com/vigilhealth/vigil/internal/clock"
+)
+
+func key(s string) []byte { return []byte(s) }
+
+func TestSeenWithinWindow(t *testing.T) {
+	clk := clock.NewManual(time.Unix(1_700_000_000, 0))
+	f := New(time.Minute, 1000, clk)
+	k := SampleKey(nil, "icu", "monitor-7", 42)
+	if f.Seen(k) {
+		t.Fatal("first sight reported as duplicate")
+	}
+	if !f.Seen(k) {
+		t.Fatal("second sight not reported as duplicate")
+	}
+	if f.Seen(SampleKey(nil, "icu", "monitor-7", 43)) || f.Seen(SampleKey(nil, "icu", "monitor-8", 42)) || f.Seen(SampleKey(nil, "ward", "monitor-7", 42)) {
+		t.Fatal("a different sequence, device or tenant was reported as duplicate")
+	}
+	clk.Advance(59 * time.Second)
+	if !f.Seen(k) {
+		t.Fatal("a duplicate inside the window was not caught")
+	}
+	clk.Advance(2 * time.Second)
+	if f.Seen(k) {
+		t.Fatal("a key older than the window was still a duplicate")
+	}
+	if !f.Seen(k) {
+		t.Fatal("a key re-recorded after expiry was forgotten")
+	}
+}
+
+func TestContainsThenAdd(t *testing.T) {
+	f := New(time.Minute, 100, nil)
+	k := MessageKey(nil, "mllp", "GATEWAY^ICU", "MSG00001")
+	if f.Contains(k) {
+		t.Fatal("Contains before Add")
+	}
+	if f.Contains(k) {
+		t.Fatal("Contains recorded the key")
+	}
+	f.Add(k)
+	if !f.Contains(k) || !f.Seen(k) {
+		t.Fatal("an added key is not seen")
+	}
+	if string(MessageKey(nil, "mllp", "a", "b")) == string(SampleKey(nil, "mllp", "a", 0)) {
+		t.Fatal("message and sample keys can collide")
+	}
+}
+
+func TestBoundedEvictsOldest(t *testing.T) {
+	clk := clock.NewManual(time.Unix(1_700_000_000, 0))
+	f := New(time.Hour, 64, clk) // 4 per shard
+	reg := prometheus.NewRegistry()
+	if err := f.Register(reg, "test"); err != nil {
+		t.Fatal(err)
+	}
+	for i := 0; i < 10_000; i++ {
+		clk.Advance(time.Millisecond)
+		f.Seen(SampleKey(nil, "t", "d", uint64(i)))
+	}
+	if n := f.Len(); n > 64 {
+		t.Fatalf("%d keys remembered, bound 64", n)
+	}
+	if f.Evicted() < 10_000-64 {
+		t.Fatalf("evicted %d, want at least %d", f.Evicted(), 10_000-64)
+	}
+	if got := gathered(t, reg, "vigil_ingest_dedupe_evictions_total"); got != float64(f.Evicted()) {
+		t.Fatalf("metric %v, counter %d", got, f.Evicted())
+	}
+	// The newest keys are still remembered; the oldest are gone.
+	if !f.Seen(SampleKey(nil, "t", "d", 9999)) {
+		t.Error("the newest key was evicted")
+	}
+	if f.Seen(SampleKey(nil, "t", "d", 0)) {
+		t.Error("the oldest key survived a full filter")
+	}
+}
+
+func gathered(t *testing.T, reg *prometheus.Registry, name string) float64 {
+	t.Helper()
+	mfs, err := reg.Gather()
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, mf := range mfs {
+		if mf.GetName() == name {
+			return mf.GetMetric()[0].GetCounter().GetValue()
+		}
+	}
+	t.Fatalf("no metric %s", name)
+	return 0
+}
+
+func TestConcurrentExactlyOneFirst(t *testing.T) {
+	f := New(time.Minute, 1<<16, nil)
+	var firsts atomic.Int64
+	var wg sync.WaitGroup
+	for g := 0; g < 8; g++ {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			for i := 0; i < 2000; i++ {
+				if !f.Seen(SampleKey(nil, "t", "d", uint64(i))) {
+					firsts.Add(1)
+				}
+			}
+		}()
+	}
+	wg.Wait()
+	if firsts.Load() != 2000 {
+		t.Fatalf("%d keys seen first, want 2000 (each exactly once)", firsts.Load())
+	}
+}
+
+// BenchmarkSeen reports Seen calls per second on distinct keys (a full
+// filter evicting), from all cores.
+func BenchmarkSeen(b *testing.B) {
+	f := New(10*time.Minute, 1<<20, nil)
+	var n atomic.Uint64
+	b.ReportAllocs()
+	b.ResetTimer()
+	start := time.Now()
+	b.RunParallel(func(pb *testing.PB) {
+		buf := make([]byte, 0, 64)
+		dev := fmt.Sprint("dev-", n.Add(1<<40))
+		var seq uint64
+		for pb.Next() {
+			seq++
+			buf = SampleKey(buf[:0], "tenant", dev, seq)
+			f.Seen(buf)
+		}
+	})
+	b.ReportMetric(float64(b.N)/time.Since(start).Seconds(), "keys/s")
+}

@@ -1,0 +1,171 @@
+package httpjson
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"time"
+
+	"github.com/prometheus/client_golang/prometheus"
+
+	"github.com/vigilhealth/vigil/ingest/publish"
+	"github.com/vigilhealth/vigil/ingest/validate"
+	"github.com/vigilhealth/vigil/internal/config"
+	"github.com/vigilhealth/vigil/internal/stage"
+	vigilv1 "github.com/vigilhealth/vigil/proto/vigil/v1"
+)
+
+// Meta describes where a body given to Handler.Accept came from.
+type Meta struct {
+	// Source is the ingest path stamped on batches and dead letters
+	// (SOURCE_HTTP when unspecified).
+	Source vigilv1.Source
+	// Origin is the sender, for dead letters and logs: a remote address,
+	// an MQTT client id and topic.
+	Origin string
+	// Tenant, when set, is the tenant the transport authenticated (e.g. the
+	// <tenant> of an MQTT topic): it is the default tenant of the body, and
+	// a body or sample naming another tenant is refused (reason
+	// invalid_id on field tenant).
+	Tenant string
+	// Device, when set, is the default device when the body names none.
+	Device string
+	// ContentType is recorded on dead letters; "application/json" when
+	// empty.
+	ContentType string
+	// MessageID is the message id used when the body has none; when both
+	// are empty a random one is generated, prefixed with the source label.
+	MessageID string
+}
+
+// Outcome is what became of one body given to Handler.Accept.
+type Outcome struct {
+	// Samples counts the samples decoded from the body (0 when the body
+	// was refused as a whole).
+	Samples int
+	// Accepted samples are in Kafka; Rejected ones are on the dead-letter
+	// topic. Both are 0 when Err is set.
+	Accepted, Rejected int
+	// MessageID is the body's message id (given or generated); empty when
+	// the body was refused before it was read.
+	MessageID string
+	// Problem is nil when every sample was accepted; else it says what was
+	// refused, as the HTTP answer would (Status 400 or 413; Accepted > 0
+	// means partial acceptance; Reason set means the body was refused as a
+	// whole). Everything it names is on the dead-letter topic.
+	Problem *Problem
+	// Err is set when Kafka did not acknowledge: nothing of the body counts
+	// as accepted, and Problem is nil. Retriable says whether sending the
+	// same body again may succeed (publish.IsRetriable).
+	Err       error
+	Retriable bool
+	// RetryAfter, when set, is when the sender may send again: the body
+	// was over its source's rate limit (Problem.Status 429) and nothing
+	// of it was accepted or dead-lettered.
+	RetryAfter time.Duration
+}
+
+// NewCore creates a Handler for use through Accept only, by transports
+// other than HTTP (MQTT): like New, but it registers no HTTP metrics, so
+// several may share one registry with the HTTP handler.
+func NewCore(cfg config.Config, deps stage.Deps, pub Publisher) (*Handler, error) {
+	return newHandler(cfg, deps.WithDefaults(), pub)
+}
+
+// Accept decodes body (the JSON of POST /v1/samples, see the package
+// documentation), validates it, writes the accepted samples to
+// vigil.samples.v1 and the refused ones to vigil.deadletter.v1, and returns
+// only after Kafka acknowledged both (or failed: Outcome.Err). It blocks on
+// Kafka (backpressure) until ctx ends. It is safe for concurrent use; body
+// is only read, and may be reused by the caller once Accept returns. The
+// caller bounds the size of body.
+func (h *Handler) Accept(ctx context.Context, body []byte, m Meta) Outcome {
+	return h.accept(ctx, body, m, h.clock.Now().UnixMilli())
+}
+
+func (h *Handler) accept(ctx context.Context, data []byte, m Meta, now int64) Outcome {
+	d := h.pool.Get().(*decoder)
+	defer func() {
+		d.release()
+		h.pool.Put(d)
+	}()
+	b, berr := d.decode(data, h.maxSamples)
+	if berr != nil {
+		return h.refuseBody(ctx, berr, data, m, 0, now)
+	}
+	msgID := string(b.messageID.b)
+	if rf := validate.CheckID("message_id", msgID, MaxMessageIDLen); rf != nil {
+		o := h.refuseBody(ctx, &bodyError{status: statusBadRequest, reason: rf.Reason, field: rf.Field, message: rf.Message, offset: -1}, data, m, 0, now)
+		o.Samples = len(b.samples)
+		return o
+	}
+	if msgID == "" {
+		msgID = m.MessageID
+	}
+	if msgID == "" {
+		msgID = newMessageID(m.source())
+	}
+	if lo, stop := h.limitRate(ctx, b, &m, msgID); stop {
+		return lo
+	}
+	o := Outcome{Samples: len(b.samples), MessageID: msgID}
+	batches, letters, problems := h.validate(b, m, msgID, now)
+	accepted := len(b.samples) - len(letters)
+	batches = h.dropDuplicates(batches, m.source())
+
+	// Refusals first: if Kafka then fails the samples, the sender's retry
+	// duplicates dead letters at worst, and a refusal is only ever answered
+	// with its dead letters acknowledged.
+	if err := h.pub.DeadLetter(ctx, letters); err != nil {
+		return h.failed(o, err)
+	}
+	if err := h.pub.Publish(ctx, batches); err != nil {
+		return h.failed(o, err)
+	}
+	h.rememberPublished(batches)
+	o.Accepted, o.Rejected = accepted, len(letters)
+	if len(letters) == 0 {
+		return o
+	}
+	h.log.Debug("samples refused", "accepted", accepted, "rejected", len(letters), "message_id", msgID, "origin", m.Origin)
+	p := &Problem{Type: problemType("invalid-samples"), Title: "Some samples were refused",
+		Status: statusBadRequest, MessageID: msgID, Accepted: accepted, Rejected: len(letters), Errors: problems,
+		ErrorsTruncated: len(letters) > len(problems)}
+	if accepted > 0 {
+		p.Detail = fmt.Sprintf("%d of %d samples were refused and sent to the dead-letter topic; the other %d were accepted and must not be sent again",
+			len(letters), len(b.samples), accepted)
+	} else {
+		p.Detail = fmt.Sprintf("all %d samples were refused and sent to the dead-letter topic", len(letters))
+	}
+	o.Problem = p
+	return o
+}
+
+// failed records a Kafka failure on o: nothing counts as accepted.
+func (h *Handler) failed(o Outcome, err error) Outcome {
+	o.Accepted, o.Rejected, o.Problem = 0, 0, nil
+	o.Err, o.Retriable = err, publish.IsRetriable(err)
+	if !o.Retriable && !errors.Is(err, context.Canceled) {
+		h.log.Error("publishing failed permanently", "err", err, "message_id", o.MessageID)
+	}
+	return o
+}
+
+func (m *Meta) source() vigilv1.Source {
+	if m.Source == vigilv1.Source_SOURCE_UNSPECIFIED {
+		return vigilv1.Source_SOURCE_HTTP
+	}
+	return m.Source
+}
+
+func (m *Meta) contentType() string {
+	if m.ContentType == "" {
+		return "application/json"
+	}
+	return m.ContentType
+}
+
+// registerHTTP registers the HTTP handler's metrics.
+func (h *Handler) registerHTTP(reg prometheus.Registerer) error {
+	return stage.Register(reg, "http ingest metrics", h.requests, h.received, h.duration)
+}

@@ -1,0 +1,377 @@
+package mqtt
+
+import (
+	"bytes"
+	"context"
+	"crypto/tls"
+	"crypto/x509"
+	"errors"
+	"fmt"
+	"net"
+	"os"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	mochi "github.com/mochi-mqtt/server/v2"
+	"github.com/mochi-mqtt/server/v2/hooks/auth"
+	"github.com/mochi-mqtt/server/v2/listeners"
+	"github.com/mochi-mqtt/server/v2/packets"
+
+	"github.com/vigilhealth/vigil/ingest/httpjson"
+	"github.com/vigilhealth/vigil/internal/config"
+	"github.com/vigilhealth/vigil/internal/stage"
+)
+
+// Option configures a Service.
+type Option func(*Service)
+
+// WithLimiter slows each MQTT client (key: its client id) to what lim
+// allows, by delaying its PUBACK and its next read, instead of dropping.
+func WithLimiter(lim Limiter) Option { return func(s *Service) { s.limiter = lim } }
+
+// Service is the MQTT ingest stage: the embedded broker (mqtt.embedded) and
+// the external subscription (mqtt.external), whichever are configured. Its
+// methods are safe for concurrent use; Close is idempotent.
+type Service struct {
+	cfg     config.MQTT
+	deps    stage.Deps
+	in      *ingester
+	limiter Limiter
+
+	srv    *mochi.Server
+	tcp    *listeners.TCP
+	ledger *auth.Ledger
+	// closing refuses new QoS 1 publishes (the client keeps them and
+	// sends them again) while the ones in flight drain.
+	closing  atomic.Bool
+	inflight *drainGroup
+	// pending maps a client to when its publish in flight was read, from
+	// OnPublish to OnPacketProcessed (after the PUBACK was written); a
+	// client's publishes are processed one at a time on its read loop.
+	pending sync.Map // *mochi.Client → time.Time
+	// base is the context of Kafka writes: not cancelled by a stop (in
+	// flight publishes finish), only when Close gives up.
+	base   context.Context
+	cancel context.CancelFunc
+
+	ext *subscriber
+
+	closeOnce sync.Once
+	closeErr  error
+	started   atomic.Bool
+}
+
+// New creates the MQTT ingest stage for cfg.MQTT, publishing through pub
+// (which must outlive it), and registers its metrics on deps.Metrics. The
+// embedded broker's listener is bound here (Addr is valid after New);
+// clients are served from Run.
+func New(cfg config.Config, deps stage.Deps, pub httpjson.Publisher, opts ...Option) (*Service, error) {
+	deps = deps.WithDefaults()
+	if pub == nil {
+		return nil, errors.New("creating mqtt ingest: no publisher")
+	}
+	s := &Service{cfg: cfg.MQTT, deps: deps, inflight: newDrainGroup()}
+	for _, o := range opts {
+		o(s)
+	}
+	m, err := newMetrics(deps.Metrics)
+	if err != nil {
+		return nil, err
+	}
+	s.in, err = newIngester(cfg, deps, pub, m, s.limiter)
+	if err != nil {
+		return nil, err
+	}
+	s.base, s.cancel = context.WithCancel(context.Background())
+	if cfg.MQTT.Embedded.Enabled {
+		if err := s.initBroker(); err != nil {
+			s.cancel()
+			return nil, err
+		}
+	}
+	if len(cfg.MQTT.External.Brokers) > 0 {
+		s.ext = newSubscriber(cfg.MQTT, s.in, deps.Log.With("mqtt", "external"))
+	}
+	return s, nil
+}
+
+func (s *Service) initBroker() error {
+	e := s.cfg.Embedded
+	if e.Auth.LedgerFile != "" {
+		doc, err := os.ReadFile(e.Auth.LedgerFile)
+		if err != nil {
+			return fmt.Errorf("reading mqtt.embedded.auth.ledger_file: %w", err)
+		}
+		s.ledger = new(auth.Ledger)
+		if err := s.ledger.Unmarshal(doc); err != nil {
+			return fmt.Errorf("parsing mqtt.embedded.auth.ledger_file %s: %w", e.Auth.LedgerFile, err)
+		}
+	}
+	caps := mochi.NewDefaultServerCapabilities()
+	// Payloads up to max_payload_bytes are read and, when over, dead
+	// lettered; a packet beyond that and 64 KiB of topic and properties
+	// closes the connection unread.
+	caps.MaximumPacketSize = uint32(s.cfg.MaxPayloadBytes + 64<<10)
+	caps.Compatibilities.NoInheritedPropertiesOnAck = true
+	caps.MaximumQos = 1 // QoS 2 publishes are taken as QoS 1 (acknowledged once Kafka has them).
+	s.srv = mochi.New(&mochi.Options{
+		Capabilities:           caps,
+		Logger:                 s.deps.Log.With("mqtt", "embedded"),
+		SysTopicResendInterval: 0,
+	})
+	if err := s.srv.AddHook(&hook{s: s}, nil); err != nil {
+		return fmt.Errorf("adding mqtt ingest hook: %w", err)
+	}
+	lc := listeners.Config{Type: "tcp", ID: "vigil", Address: e.Listen}
+	if e.TLS.CertFile != "" {
+		tc, err := tlsConfig(e.TLS)
+		if err != nil {
+			return err
+		}
+		lc.TLSConfig = tc
+	}
+	s.tcp = listeners.NewTCP(lc)
+	if err := s.srv.AddListener(s.tcp); err != nil {
+		return fmt.Errorf("mqtt listening on %s: %w", e.Listen, err)
+	}
+	return nil
+}
+
+func tlsConfig(c config.MQTTTLS) (*tls.Config, error) {
+	cert, err := tls.LoadX509KeyPair(c.CertFile, c.KeyFile)
+	if err != nil {
+		return nil, fmt.Errorf("loading mqtt.embedded.tls certificate: %w", err)
+	}
+	tc := &tls.Config{Certificates: []tls.Certificate{cert}, MinVersion: tls.VersionTLS12}
+	if c.ClientCAFile != "" {
+		pem, err := os.ReadFile(c.ClientCAFile)
+		if err != nil {
+			return nil, fmt.Errorf("reading mqtt.embedded.tls.client_ca_file: %w", err)
+		}
+		pool := x509.NewCertPool()
+		if !pool.AppendCertsFromPEM(pem) {
+			return nil, fmt.Errorf("mqtt.embedded.tls.client_ca_file %s: no PEM certificate", c.ClientCAFile)
+		}
+		tc.ClientCAs, tc.ClientAuth = pool, tls.RequireAndVerifyClientCert
+	}
+	return tc, nil
+}
+
+// Addr is the embedded broker's bound host:port ("" when it is disabled).
+func (s *Service) Addr() string {
+	if s.tcp == nil {
+		return ""
+	}
+	return s.tcp.Address()
+}
+
+// Ready reports whether the stage serves: the embedded broker accepts
+// connections and the external subscription (if any) is connected.
+func (s *Service) Ready(context.Context) error {
+	if s.closing.Load() {
+		return errors.New("mqtt ingest is stopping")
+	}
+	if s.srv != nil && !s.started.Load() {
+		return errors.New("mqtt broker not started")
+	}
+	if s.ext != nil && !s.ext.connected() {
+		return fmt.Errorf("not connected to external mqtt broker %v", s.cfg.External.Brokers)
+	}
+	return nil
+}
+
+// Run serves until ctx ends, then drains: new QoS 1 publishes are no longer
+// taken (the client keeps and re-sends them), publishes in flight finish
+// and are acknowledged (up to mqtt.embedded.drain_timeout), then every
+// connection is closed.
+func (s *Service) Run(ctx context.Context) error {
+	if s.srv != nil {
+		if err := s.srv.Serve(); err != nil {
+			return fmt.Errorf("starting mqtt broker: %w", err)
+		}
+		s.started.Store(true)
+		s.deps.Log.Info("mqtt broker listening", "addr", s.Addr())
+	}
+	// The external subscription (if any) stops with ctx, leaving what it
+	// did not acknowledge with its broker.
+	extDone := make(chan error, 1)
+	if s.ext != nil {
+		go func() { extDone <- s.ext.run(ctx) }()
+	} else {
+		extDone <- nil
+	}
+	<-ctx.Done()
+	dctx, cancel := context.WithTimeout(context.Background(), s.cfg.Embedded.DrainTimeout)
+	defer cancel()
+	s.drain(dctx)
+	if err := <-extDone; err != nil {
+		return fmt.Errorf("external mqtt subscription: %w", err)
+	}
+	return nil
+}
+
+// drain stops taking QoS 1 publishes and waits for those in flight.
+func (s *Service) drain(ctx context.Context) {
+	s.closing.Store(true)
+	if err := s.inflight.wait(ctx); err != nil {
+		s.deps.Log.Warn("mqtt drain incomplete; closing connections (clients will re-send what was not acknowledged)", "err", err)
+	}
+}
+
+// Close stops serving and closes every connection (and the external
+// subscription); publishes still in flight are abandoned unacknowledged,
+// so their clients send them again. Idempotent.
+func (s *Service) Close(ctx context.Context) error {
+	s.closeOnce.Do(func() {
+		s.closing.Store(true)
+		if s.srv != nil {
+			if err := s.inflight.wait(ctx); err != nil {
+				s.deps.Log.Warn("closing mqtt broker with publishes in flight", "err", err)
+			}
+			s.cancel()
+			s.closeErr = s.srv.Close()
+		}
+		s.cancel()
+		if s.ext != nil {
+			s.ext.close()
+		}
+	})
+	return s.closeErr
+}
+
+// hook is the mochi hook that ingests PUBLISH packets on the client's read
+// goroutine: mochi writes the PUBACK of a QoS 1 PUBLISH only after OnPublish
+// returns (server.go processPublish), so blocking here until Kafka
+// acknowledged holds the PUBACK back, and one client's publishes are
+// processed in order. Returning packets.ErrRejectPacket skips the PUBACK
+// altogether; a packets.Code error sends an MQTT 5 PUBACK with that reason.
+type hook struct {
+	mochi.HookBase
+	s *Service
+}
+
+func (h *hook) ID() string { return "vigil-ingest" }
+
+func (h *hook) Provides(b byte) bool {
+	return bytes.Contains([]byte{mochi.OnConnectAuthenticate, mochi.OnACLCheck, mochi.OnPublish, mochi.OnPacketProcessed}, []byte{b})
+}
+
+// OnConnectAuthenticate admits anonymous clients per mqtt.embedded.auth.
+// anonymous and named ones per the ledger.
+func (h *hook) OnConnectAuthenticate(cl *mochi.Client, pk packets.Packet) bool {
+	if len(cl.Properties.Username) == 0 {
+		switch h.s.cfg.Embedded.Auth.Anonymous {
+		case "allow":
+			return true
+		case "loopback":
+			return isLoopback(cl.Net.Remote)
+		}
+		return false
+	}
+	if h.s.ledger == nil {
+		return false
+	}
+	_, ok := h.s.ledger.AuthOk(cl, pk)
+	return ok
+}
+
+// OnACLCheck applies the ledger's ACL to named users; anonymous clients may
+// publish and subscribe anywhere.
+func (h *hook) OnACLCheck(cl *mochi.Client, topic string, write bool) bool {
+	if h.s.ledger == nil || len(cl.Properties.Username) == 0 {
+		return true
+	}
+	_, ok := h.s.ledger.ACLOk(cl, topic, write)
+	return ok
+}
+
+func isLoopback(remote string) bool {
+	host, _, err := net.SplitHostPort(remote)
+	if err != nil {
+		host = remote
+	}
+	ip := net.ParseIP(host)
+	return ip != nil && ip.IsLoopback()
+}
+
+// OnPublish ingests a PUBLISH to vigil/...: it blocks until Kafka has the
+// samples, then lets mochi acknowledge it; see the package documentation
+// for the answers. Other topics are ordinary MQTT traffic.
+func (h *hook) OnPublish(cl *mochi.Client, pk packets.Packet) (packets.Packet, error) {
+	s := h.s
+	if cl.Net.Inline || (pk.TopicName != TopicRoot && !strings.HasPrefix(pk.TopicName, TopicRoot+"/")) {
+		return pk, nil
+	}
+	start := time.Now()
+	qos := pk.FixedHeader.Qos
+	v5 := cl.Properties.ProtocolVersion == 5
+	if qos > 0 && s.closing.Load() {
+		// Stopping: not taken, not acknowledged; the client sends it
+		// again to the next broker (or to us after a restart).
+		s.in.m.dropped.WithLabelValues("embedded", "stopping").Inc()
+		if v5 {
+			_ = s.srv.DisconnectClient(cl, packets.ErrServerShuttingDown)
+		} else {
+			cl.Stop(packets.ErrServerShuttingDown)
+		}
+		return pk, packets.ErrRejectPacket
+	}
+	s.inflight.add()
+	s.pending.Store(cl, start)
+	origin := "mqtt://" + cl.ID + "@" + cl.Net.Remote + "/" + clipTopic(pk.TopicName)
+	r := s.in.handle(s.base, "embedded", pk.TopicName, pk.Payload, qos, origin, cl.ID, TopicRoot)
+	switch r.verdict {
+	case refused:
+		if v5 && qos > 0 {
+			return pk, packets.Code{Code: r.code, Reason: clipReason(r.reason)}
+		}
+		// MQTT 3.1.1 has no negative PUBACK: it will never succeed, and
+		// it is on the dead-letter topic, so it is acknowledged.
+		return pk, nil
+	case failed:
+		if qos == 0 {
+			s.deps.Log.Warn("mqtt qos 0 message lost: kafka did not acknowledge", "client", cl.ID, "topic", pk.TopicName, "err", r.reason)
+			return pk, nil
+		}
+		if v5 && !r.retriable {
+			return pk, packets.Code{Code: 0x80, Reason: clipReason(r.reason)}
+		}
+		// No PUBACK: close the connection so that the client sends it
+		// again once it reconnects (MQTT has no other way to ask).
+		s.in.m.dropped.WithLabelValues("embedded", "kafka").Inc()
+		s.deps.Log.Warn("mqtt publish not acknowledged: kafka unavailable; disconnecting the client so it re-sends", "client", cl.ID, "err", r.reason)
+		if v5 {
+			_ = s.srv.DisconnectClient(cl, packets.ErrServerBusy)
+		} else {
+			cl.Stop(errors.New("kafka unavailable"))
+		}
+		return pk, packets.ErrRejectPacket
+	}
+	return pk, nil
+}
+
+// OnPacketProcessed runs after mochi wrote the PUBACK (or decided not to):
+// the publish is no longer in flight.
+func (h *hook) OnPacketProcessed(cl *mochi.Client, pk packets.Packet, _ error) {
+	if pk.FixedHeader.Type != packets.Publish {
+		return
+	}
+	v, ok := h.s.pending.LoadAndDelete(cl)
+	if !ok {
+		return
+	}
+	if pk.FixedHeader.Qos > 0 && !cl.Closed() {
+		h.s.in.m.puback.WithLabelValues("embedded").Observe(sinceSeconds(v.(time.Time)))
+	}
+	h.s.inflight.done()
+}
+
+// clipReason bounds an MQTT 5 reason string.
+func clipReason(s string) string {
+	if len(s) > 512 {
+		return s[:512] + "…"
+	}
+	return s
+}

@@ -1,0 +1,88 @@
+// Package mqtt is the MQTT ingest path for wearables: an embedded MQTT
+// 3.1.1/5 broker (github.com/mochi-mqtt/server/v2) that `vigil run` and
+// `vigil ingest` start on mqtt.embedded.listen (127.0.0.1:1883), and/or a
+// subscription to an external broker (github.com/eclipse/paho.mqtt.golang)
+// when mqtt.external.brokers is set.
+//
+// # Topic and payload
+//
+// A wearable publishes to
+//
+//	vigil/<tenant>/<device>/samples
+//
+// with QoS 0 or 1 (QoS 2 is downgraded to 1). The payload is the JSON body
+// of POST /v1/samples (see package httpjson for the schema, the same
+// validation and the same dead letters), with tenant and device defaulting
+// to the topic's:
+//
+//	{"patient": "p-001", "samples": [
+//	  {"metric": "heart_rate", "value": 72, "time_ms": 1795428000250, "seq": 17},
+//	  {"metric": "spo2", "value": 97, "unit": "%", "time_ms": 1795428000250, "seq": 18}]}
+//
+// A payload (or sample) naming another tenant than the topic is refused
+// (reason invalid_id, field tenant): the topic is what the broker's ACL
+// authorises. A sample may name another device (a gateway relaying
+// several). Samples carry source "mqtt". No compact payload is defined: the
+// JSON above is about 60 bytes per sample, which a wearable batching a few
+// seconds of readings per message sends comfortably.
+//
+// Topics under vigil/ that are not of that form are refused (dead letter
+// with reason unsupported_message, field topic). Other topics are plain MQTT
+// traffic that the broker relays to subscribers without ingesting.
+//
+// # Acknowledgement
+//
+// A QoS 1 PUBLISH is acknowledged (PUBACK) only after Kafka acknowledged its
+// samples and dead letters: the hook runs on the client's read goroutine and
+// mochi writes the PUBACK only after OnPublish returns, so a client's
+// messages are processed in order and a slow Kafka slows its PUBACKs
+// (backpressure). Then:
+//
+//   - all samples accepted: PUBACK (reason 0x00);
+//   - some or all refused (invalid JSON, out of range, unknown metric, ...):
+//     the refused ones are on vigil.deadletter.v1 with the reason, the valid
+//     ones in Kafka; MQTT 5 gets PUBACK 0x99 (payload format invalid) with a
+//     reason string naming the first problem (0x90 for a bad topic, 0x95 for
+//     a payload over mqtt.max_payload_bytes); MQTT 3.1.1 gets a plain PUBACK
+//     (the message can never succeed; it is dead-lettered);
+//   - Kafka did not acknowledge (unavailable, kafka.produce_timeout): no
+//     PUBACK; the connection is closed (MQTT 5: DISCONNECT 0x89 server busy)
+//     so the client, reconnecting with its session, sends the message again.
+//     MQTT 5 gets PUBACK 0x80 when Kafka refused it permanently.
+//
+// A QoS 0 message is ingested the same way but never acknowledged; it is
+// lost if Kafka is down (logged). On stop, new QoS 1 publishes are refused
+// unacknowledged (the client re-sends them after the restart), publishes in
+// flight finish and are acknowledged (mqtt.embedded.drain_timeout), then the
+// connections close. A client re-sending a message whose PUBACK it missed
+// produces the same samples again: the ClickHouse samples table is a
+// ReplacingMergeTree on the sample's identity, so they count once through
+// FINAL (the samples_final view).
+//
+// # Authentication
+//
+// mqtt.embedded.auth.anonymous admits clients without a username from
+// loopback only (default), from anywhere, or not at all; named users and
+// their topic ACLs come from a mochi-mqtt auth ledger file
+// (mqtt.embedded.auth.ledger_file), e.g. restricting a hospital's devices to
+// vigil/st-mary/#. TLS is enabled with mqtt.embedded.tls.
+//
+// # External broker
+//
+// With mqtt.external.brokers set, Vigil subscribes with QoS 1 to
+// mqtt.external.topic (default vigil/+/+/samples; levels 2 and 3 are tenant
+// and device), as $share/<group>/<topic> when mqtt.external.shared_group is
+// set, in a persistent session (clean session off, stable
+// mqtt.external.client_id) so that messages published while Vigil is down
+// are delivered when it is back. Each message is acknowledged only after
+// Kafka has it (automatic acknowledgement is off); a Kafka failure is
+// retried with backoff, and on stop unacknowledged messages stay with the
+// broker.
+//
+// # Metrics
+//
+// vigil_mqtt_messages_received_total{mode,qos},
+// vigil_mqtt_messages_total{mode,qos,result},
+// vigil_mqtt_messages_not_acked_total{mode,why} and the PUBACK latency
+// histogram vigil_mqtt_puback_seconds{mode}.
+package mqtt
