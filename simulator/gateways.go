@@ -46,9 +46,9 @@ type gateways struct {
 	messages *prometheus.CounterVec
 	faults   *prometheus.CounterVec
 
-	rng      *rand.Rand
-	ctl      uint64
-	runID    string
+	rng   *rand.Rand
+	ctl   uint64
+	runID string
 	// admitted is when each bed's patient was admitted (ADT^A01 sent);
 	// moved tells which were transferred (ADT^A02 sent).
 	admitted map[string]time.Time

@@ -22,6 +22,10 @@ type metrics struct {
 	commitTime   prometheus.Histogram
 	restoreTime  prometheus.Histogram
 	patients     prometheus.Gauge
+	// checkpoints
+	statesWritten prometheus.Counter
+	replayed      prometheus.Counter
+	replaySpan    prometheus.Histogram
 }
 
 func newMetrics(reg prometheus.Registerer) (*metrics, error) {
@@ -64,9 +68,20 @@ func newMetrics(reg prometheus.Registerer) (*metrics, error) {
 		patients: prometheus.NewGauge(prometheus.GaugeOpts{
 			Name: "vigil_stream_patients", Help: "Patients whose state this processor holds.",
 		}),
+		statesWritten: prometheus.NewCounter(prometheus.CounterOpts{
+			Name: "vigil_stream_states_written_total", Help: "Patient states written to the changelog (committed transactions).",
+		}),
+		replayed: prometheus.NewCounter(prometheus.CounterOpts{
+			Name: "vigil_stream_replayed_records_total", Help: "Input records read again on restore, from a partition's checkpoint to its committed offset.",
+		}),
+		replaySpan: prometheus.NewHistogram(prometheus.HistogramOpts{
+			Name: "vigil_stream_replay_span_records", Help: "Input records between a restored partition's checkpoint and its committed offset (bounded by about stream.checkpoint_interval of input).",
+			Buckets: prometheus.ExponentialBuckets(1, 4, 12),
+		}),
 	}
 	if err := stage.Register(reg, "stream metrics", m.samples, m.features, m.scores, m.alerts, m.late, m.deadLetters,
-		m.transactions, m.aborts, m.restarts, m.commitTime, m.restoreTime, m.patients); err != nil {
+		m.transactions, m.aborts, m.restarts, m.commitTime, m.restoreTime, m.patients,
+		m.statesWritten, m.replayed, m.replaySpan); err != nil {
 		return nil, err
 	}
 	return m, nil

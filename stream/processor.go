@@ -307,7 +307,7 @@ func (p partitioner) ForTopic(t string) kgo.TopicPartitioner {
 func (p *Processor) runSession(ctx context.Context) error {
 	sessCtx, cancel := context.WithCancel(context.WithoutCancel(ctx))
 	defer cancel()
-	s := &session{p: p, ctx: sessCtx, parts: map[int32]map[string]*patient{}, dirtySet: map[dirtyKey]struct{}{}, touched: map[int32]bool{}}
+	s := &session{p: p, ctx: sessCtx, parts: map[int32]*partState{}}
 	opts := append(p.clientOpts(),
 		kgo.ConsumerGroup(p.cfg.Stream.Group),
 		kgo.ConsumeTopics(p.cfg.Kafka.Topics.Samples),
@@ -315,6 +315,9 @@ func (p *Processor) runSession(ctx context.Context) error {
 		kgo.TransactionalID(p.txnID),
 		kgo.FetchIsolationLevel(kgo.ReadCommitted()),
 		kgo.BlockRebalanceOnPoll(),
+		// The restore replays input up to the committed offsets it read
+		// with RequireStable: the group must start from the same ones.
+		kgo.RequireStableFetchOffsets(),
 		kgo.RecordPartitioner(partitioner{state: p.cfg.Kafka.Topics.State, keyed: kgo.StickyKeyPartitioner(nil)}),
 		kgo.OnPartitionsAssigned(s.onAssigned),
 		kgo.OnPartitionsRevoked(s.onRevoked),
@@ -336,7 +339,7 @@ func (p *Processor) runSession(ctx context.Context) error {
 		p.setSession(nil)
 		sess.CloseAllowingRebalance()
 		s.mu.Lock()
-		s.parts = map[int32]map[string]*patient{}
+		s.parts = map[int32]*partState{}
 		s.updateGauge()
 		s.mu.Unlock()
 	}()
@@ -353,9 +356,84 @@ func (p *Processor) runSession(ctx context.Context) error {
 	return err
 }
 
-type dirtyKey struct {
-	part int32
-	key  string
+// checkpointKey is the changelog key of a partition's checkpoint record:
+// its applied_offset is the input offset at or below which every input
+// record is reflected in the partition's written states. It cannot clash
+// with a patient key ("<tenant>/<patient>", tenant non-empty, no NUL).
+const checkpointKey = "\x00checkpoint"
+
+// partState is the state of one owned input partition. Only the goroutine
+// processing the partition (the main loop, or the partition's worker
+// inside process) touches it.
+type partState struct {
+	pats map[string]*entry
+	// graves are patients whose state was found empty when written: an
+	// empty state with its applied offset stands in the changelog until
+	// no replay can reach back to it, then a tombstone replaces it.
+	graves map[string]int64
+	// queue holds the patients with unwritten changes in the order they
+	// got them (so the oldest change is at qhead); an item whose entry
+	// was written since is stale and skipped.
+	queue []pendingRef
+	qhead int
+	// next is the next input offset to process (the offset the open
+	// transaction commits); -1 while unknown.
+	next int64
+	// checkpoint is the applied offset of the partition's last checkpoint
+	// record (-1 when every input record must be replayed, -2 when the
+	// changelog has none: written by a version without checkpoints).
+	checkpoint int64
+	// touched: input of this partition was processed in the open
+	// transaction.
+	touched bool
+}
+
+func newPartState() *partState {
+	return &partState{pats: map[string]*entry{}, graves: map[string]int64{}, next: -1, checkpoint: -1}
+}
+
+// entry is one patient of a partition with its checkpoint bookkeeping.
+type entry struct {
+	pt *patient
+	// applied is the input offset through which the patient's written
+	// (or restored) state reflects input: -1 for a patient that has none.
+	applied int64
+	// dirtyFrom is the offset of the first input applied since the
+	// state was last written; -1 when the written state is current.
+	dirtyFrom int64
+}
+
+type pendingRef struct {
+	e    *entry
+	from int64
+	at   time.Time
+}
+
+// markDirty notes that e changed by the input record at offset.
+func (ps *partState) markDirty(e *entry, offset int64, at time.Time) {
+	if e.dirtyFrom >= 0 {
+		return
+	}
+	e.dirtyFrom = offset
+	if ps.qhead > 1024 && ps.qhead > len(ps.queue)/2 {
+		n := copy(ps.queue, ps.queue[ps.qhead:])
+		clear(ps.queue[n:])
+		ps.queue, ps.qhead = ps.queue[:n], 0
+	}
+	ps.queue = append(ps.queue, pendingRef{e: e, from: offset, at: at})
+}
+
+// oldest returns the oldest unwritten change (skipping stale items).
+func (ps *partState) oldest() (pendingRef, bool) {
+	for ps.qhead < len(ps.queue) {
+		it := ps.queue[ps.qhead]
+		if it.e.dirtyFrom == it.from {
+			return it, true
+		}
+		ps.queue[ps.qhead] = pendingRef{}
+		ps.qhead++
+	}
+	return pendingRef{}, false
 }
 
 // session is the state of one consumer-group session. The main loop owns
@@ -367,19 +445,48 @@ type session struct {
 	sess *kgo.GroupTransactSession
 
 	mu       sync.Mutex
-	parts    map[int32]map[string]*patient // owned input partition -> key -> state
-	fatal    error                         // from a callback, returned by the loop
+	parts    map[int32]*partState // owned input partition -> its state
+	fatal    error                // from a callback, returned by the loop
 	inTxn    bool
+	begun    time.Time
 	deadline time.Time
 	promise  *kgo.FirstErrPromise
-	out      outputs
-	dirty    []dirtyKey
-	dirtySet map[dirtyKey]struct{}
-	touched  map[int32]bool
-	// txn-local output counts
+	workers  []*worker
+	// txn-local counts
+	nFeatures, nScores, nStates int
+	samples, late             int
+	nAlerts                   map[vigilv1.AlertEventType]int
+	nDeadBy                   map[string]int
+}
+
+// worker processes the records of one partition of a poll. Its buffers
+// are reused between polls.
+type worker struct {
+	s     *session
+	batch vigilv1.SampleBatch
+	out   outputs
+	// counts of the poll, merged into the session's after it
 	nFeatures, nScores int
 	nAlerts            map[vigilv1.AlertEventType]int
 	nDeadBy            map[string]int
+	recs               []*kgo.Record
+	part               int32
+	err                error
+}
+
+func (w *worker) resetCounts() {
+	w.nFeatures, w.nScores = 0, 0
+	w.out.reset()
+	clear(w.nAlerts)
+	clear(w.nDeadBy)
+	w.err = nil
+}
+
+// decodeBatch decodes a SampleBatch record value into b, replacing what b
+// held.
+func decodeBatch(v []byte, b *vigilv1.SampleBatch) error {
+	proto.Reset(b)
+	return proto.Unmarshal(v, b)
 }
 
 func (s *session) loop(ctx context.Context) error {
@@ -387,7 +494,7 @@ func (s *session) loop(ctx context.Context) error {
 	maxPoll := s.p.cfg.Stream.MaxPollRecords
 	for {
 		if ctx.Err() != nil && !s.inTxn {
-			return nil
+			return s.flush()
 		}
 		pollCtx, cancel := ctx, context.CancelFunc(func() {})
 		if s.inTxn {
@@ -429,7 +536,7 @@ func (s *session) loop(ctx context.Context) error {
 			}
 		}
 		if s.inTxn && (ctx.Err() != nil || !time.Now().Before(s.deadline) || cl.BufferedFetchRecords() == 0) {
-			if err := s.commit(); err != nil {
+			if err := s.commit(ctx.Err() != nil); err != nil {
 				return err
 			}
 		}
@@ -437,6 +544,27 @@ func (s *session) loop(ctx context.Context) error {
 			s.sess.AllowRebalance()
 		}
 	}
+}
+
+// flush writes, on a graceful stop, the states with unwritten changes in
+// a last transaction, so that the next owner of the partitions has no input
+// to replay.
+func (s *session) flush() error {
+	s.mu.Lock()
+	pending := false
+	for _, ps := range s.parts {
+		if _, ok := ps.oldest(); ok && ps.next >= 0 {
+			pending = true
+		}
+	}
+	s.mu.Unlock()
+	if !pending {
+		return nil
+	}
+	if err := s.begin(); err != nil {
+		return err
+	}
+	return s.commit(true)
 }
 
 func (s *session) takeFatal() error {
@@ -452,77 +580,155 @@ func (s *session) begin() error {
 		return fmt.Errorf("beginning transaction: %w", err)
 	}
 	s.inTxn = true
-	s.deadline = time.Now().Add(s.p.cfg.Stream.CommitInterval)
+	s.begun = time.Now()
+	s.deadline = s.begun.Add(s.p.cfg.Stream.CommitInterval)
 	s.promise = kgo.AbortingFirstErrPromise(s.sess.Client())
-	s.out.reset()
-	s.nFeatures, s.nScores = 0, 0
+	s.nFeatures, s.nScores, s.nStates, s.samples, s.late = 0, 0, 0, 0, 0
 	s.nAlerts = map[vigilv1.AlertEventType]int{}
 	s.nDeadBy = map[string]int{}
 	return nil
 }
 
 // process runs the engine over the fetched records and produces the
-// outputs into the open transaction.
+// outputs into the open transaction. The partitions of the poll are
+// processed concurrently (the engine is per patient, a patient belongs to
+// one partition, and one goroutine takes a partition's records in order),
+// so a patient's outputs keep their order.
 func (s *session) process(fetches kgo.Fetches) error {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	now := s.p.clock.Now().UnixMilli()
-	for iter := fetches.RecordIter(); !iter.Done(); {
-		r := iter.Next()
-		pats := s.parts[r.Partition]
-		if pats == nil {
-			return fmt.Errorf("record from %s partition %d, whose state was not restored", r.Topic, r.Partition)
+	var used []*worker
+	fetches.EachPartition(func(ftp kgo.FetchTopicPartition) {
+		if len(ftp.Records) == 0 {
+			return
 		}
-		s.touched[r.Partition] = true
-		s.processRecord(r, pats, now)
-		for _, o := range s.out.list {
-			if err := s.produce(o); err != nil {
-				return err
+		for _, w := range used {
+			if w.part == ftp.Partition {
+				w.recs = append(w.recs, ftp.Records...)
+				return
 			}
 		}
-		// Produced: the transaction's producer buffer holds them now.
-		clear(s.out.list)
-		s.out.list = s.out.list[:0]
+		if len(used) == len(s.workers) {
+			s.workers = append(s.workers, &worker{s: s, nAlerts: map[vigilv1.AlertEventType]int{}, nDeadBy: map[string]int{}})
+		}
+		w := s.workers[len(used)]
+		w.part, w.recs = ftp.Partition, append(w.recs[:0], ftp.Records...)
+		used = append(used, w)
+	})
+	for _, w := range used {
+		ps := s.parts[w.part]
+		if ps == nil {
+			return fmt.Errorf("record from %s partition %d, whose state was not restored", w.recs[0].Topic, w.part)
+		}
+		ps.touched = true
+	}
+	if len(used) == 1 {
+		used[0].run(now)
+	} else {
+		var wg sync.WaitGroup
+		for _, w := range used {
+			wg.Go(func() { w.run(now) })
+		}
+		wg.Wait()
+	}
+	for _, w := range used {
+		clear(w.recs)
+		w.recs = w.recs[:0]
+		if w.err != nil {
+			return w.err
+		}
+		s.nFeatures += w.nFeatures
+		s.nScores += w.nScores
+		s.samples += w.out.samples
+		s.late += w.out.late
+		for k, n := range w.nAlerts {
+			s.nAlerts[k] += n
+		}
+		for k, n := range w.nDeadBy {
+			s.nDeadBy[k] += n
+		}
 	}
 	return nil
 }
 
-func (s *session) processRecord(r *kgo.Record, pats map[string]*patient, now int64) {
-	var b vigilv1.SampleBatch
-	if err := proto.Unmarshal(r.Value, &b); err != nil {
-		s.out.list = append(s.out.list, output{kind: outDeadLetter, dl: s.rawDeadLetter(r, "invalid_protobuf",
-			fmt.Sprintf("record at %s/%d@%d is not a SampleBatch: %v", r.Topic, r.Partition, r.Offset, err), now)})
-		return
-	}
-	key := string(r.Key)
-	tenant, id := b.GetTenant(), b.GetPatient()
-	if want := string(bus.PatientKey(tenant, id)); want != key || tenant == "" || id == "" {
-		dl := deadLetter(&b, nil, "key_mismatch", fmt.Sprintf("record key %q does not name the batch's patient %q: state is kept by key", key, want), now)
-		dl.Batch.Samples = b.GetSamples()
-		s.out.list = append(s.out.list, output{kind: outDeadLetter, dl: dl})
-		s.out.samples += len(b.GetSamples())
-		return
-	}
-	pt, ok := pats[key]
-	if !ok {
-		pt = s.p.eng.newPatient(key, tenant, id)
-	}
-	if s.p.eng.apply(pt, &b, now, &s.out) {
-		if !ok {
-			pats[key] = pt
+// run processes the worker's records of one partition.
+func (w *worker) run(now int64) {
+	w.resetCounts()
+	s := w.s
+	ps := s.parts[w.part]
+	for _, r := range w.recs {
+		if e, changed := s.p.applyRecord(ps, r, &w.batch, now, &w.out, false); changed {
+			ps.markDirty(e, r.Offset, s.begun)
 		}
-		dk := dirtyKey{r.Partition, key}
-		if _, seen := s.dirtySet[dk]; !seen {
-			s.dirtySet[dk] = struct{}{}
-			s.dirty = append(s.dirty, dk)
+		ps.next = r.Offset + 1
+		for _, o := range w.out.list {
+			if err := w.produce(o); err != nil {
+				w.err = err
+				return
+			}
 		}
+		// Produced: the marshalled records are the producer's now, and
+		// nothing refers to the decoded batch any more.
+		clear(w.out.list)
+		w.out.list = w.out.list[:0]
 	}
 }
 
+// applyRecord decodes one input record into b (reused) and applies it to
+// its patient, appending the outputs to out. In replay mode a record the
+// patient's restored state already reflects is skipped. It returns the
+// patient's entry and whether the patient changed.
+func (p *Processor) applyRecord(ps *partState, r *kgo.Record, b *vigilv1.SampleBatch, now int64, out *outputs, replay bool) (*entry, bool) {
+	if err := decodeBatch(r.Value, b); err != nil {
+		out.list = append(out.list, output{kind: outDeadLetter, dl: p.rawDeadLetter(r, "invalid_protobuf",
+			fmt.Sprintf("record at %s/%d@%d is not a SampleBatch: %v", r.Topic, r.Partition, r.Offset, err), now)})
+		return nil, false
+	}
+	tenant, id := b.GetTenant(), b.GetPatient()
+	if !keyNames(r.Key, tenant, id) || tenant == "" || id == "" {
+		want := string(bus.PatientKey(tenant, id))
+		b = proto.Clone(b).(*vigilv1.SampleBatch) // the dead letter outlives the reused batch
+		dl := deadLetter(b, nil, "key_mismatch", fmt.Sprintf("record key %q does not name the batch's patient %q: state is kept by key", r.Key, want), now)
+		dl.Batch.Samples = b.GetSamples()
+		out.list = append(out.list, output{kind: outDeadLetter, dl: dl})
+		out.samples += len(b.GetSamples())
+		return nil, false
+	}
+	e, ok := ps.pats[string(r.Key)]
+	if ok && replay && e.applied >= r.Offset {
+		return e, false
+	}
+	if !ok {
+		key := string(r.Key)
+		if g, dead := ps.graves[key]; dead {
+			if replay && g >= r.Offset {
+				return nil, false
+			}
+			delete(ps.graves, key)
+		}
+		e = &entry{pt: p.eng.newPatient(key, tenant, id), applied: -1, dirtyFrom: -1}
+	}
+	if !p.eng.apply(e.pt, b, now, out) {
+		return e, false
+	}
+	if !ok {
+		ps.pats[e.pt.key] = e
+	}
+	return e, true
+}
+
+// keyNames reports whether key is PatientKey(tenant, id), without
+// building it.
+func keyNames(key []byte, tenant, id string) bool {
+	return len(key) == len(tenant)+1+len(id) && string(key[:len(tenant)]) == tenant &&
+		key[len(tenant)] == '/' && string(key[len(tenant)+1:]) == id
+}
+
 // rawDeadLetter is the dead letter of an undecodable record.
-func (s *session) rawDeadLetter(r *kgo.Record, reason, msg string, now int64) *vigilv1.DeadLetter {
+func (p *Processor) rawDeadLetter(r *kgo.Record, reason, msg string, now int64) *vigilv1.DeadLetter {
 	raw := r.Value
-	limit := s.p.cfg.Ingest.DeadLetterRawLimit
+	limit := p.cfg.Ingest.DeadLetterRawLimit
 	trunc := len(raw) > limit
 	if trunc {
 		raw = raw[:limit]
@@ -532,9 +738,10 @@ func (s *session) rawDeadLetter(r *kgo.Record, reason, msg string, now int64) *v
 		ContentType: "application/x-protobuf; messageType=vigil.v1.SampleBatch"}
 }
 
-// produce marshals one output and produces it into the transaction.
-func (s *session) produce(o output) error {
-	topics := s.p.cfg.Kafka.Topics
+// produce marshals one output and produces it into the transaction. It
+// may run concurrently with other workers' produce calls.
+func (w *worker) produce(o output) error {
+	topics := w.s.p.cfg.Kafka.Topics
 	var (
 		topic string
 		key   []byte
@@ -543,49 +750,110 @@ func (s *session) produce(o output) error {
 	switch o.kind {
 	case outFeatures:
 		topic, key, msg = topics.Features, []byte(o.key), o.fw
-		s.nFeatures++
+		w.nFeatures++
 	case outScore:
 		topic, key, msg = topics.Scores, []byte(o.key), o.score
-		s.nScores++
+		w.nScores++
 	case outAlert:
 		topic, key, msg = topics.Alerts, []byte(o.key), o.alert
-		s.nAlerts[o.alert.GetType()]++
+		w.nAlerts[o.alert.GetType()]++
 	case outDeadLetter:
 		topic, key, msg = topics.DeadLetter, []byte(sourceName(o.dl.GetSource())), o.dl
-		s.nDeadBy[o.dl.GetReason()]++
+		w.nDeadBy[o.dl.GetReason()]++
 	}
 	val, err := encode(msg)
 	if err != nil {
 		return fmt.Errorf("encoding %s record: %w", topic, err)
 	}
-	s.sess.Produce(s.ctx, &kgo.Record{Topic: topic, Key: key, Value: val}, s.promise.Promise())
+	w.s.sess.Produce(w.s.ctx, &kgo.Record{Topic: topic, Key: key, Value: val}, w.s.promise.Promise())
 	return nil
 }
 
-// commit writes the changelog of the patients the transaction changed and
-// ends the transaction. An abort rolls the touched partitions' state back
-// to the changelog; an End error ends the session.
-func (s *session) commit() error {
-	s.mu.Lock()
-	for _, d := range s.dirty {
-		pats := s.parts[d.part]
-		pt := pats[d.key]
+// checkpoint writes, into the open transaction, the state of the patients
+// whose oldest unwritten change is older than stream.checkpoint_interval
+// (all of them when all is set: the last transaction before a stop), the
+// partitions' checkpoint records and the tombstones of emptied patients.
+// Every partition whose offsets the transaction commits gets its
+// checkpoint record, so that a changelog partition without an open
+// transaction also means no pending offsets for its input partition.
+// s.mu must be held.
+func (s *session) checkpoint(all bool) error {
+	topic := s.p.cfg.Kafka.Topics.State
+	cutoff := s.begun.Add(-s.p.cfg.Stream.CheckpointInterval)
+	if s.p.cfg.Stream.CheckpointInterval == 0 {
+		all = true
+	}
+	write := func(part int32, key string, ps *vigilv1.PatientState) error {
 		var val []byte
-		switch {
-		case pt == nil:
-			continue // partition lost mid-transaction: the End below aborts
-		case pt.empty():
-			delete(pats, d.key) // tombstone
-		default:
+		if ps != nil {
 			var err error
-			if val, err = encode(pt.toProto()); err != nil {
-				s.mu.Unlock()
-				return fmt.Errorf("encoding state of %s: %w", d.key, err)
+			if val, err = encode(ps); err != nil {
+				return fmt.Errorf("encoding changelog record %q: %w", key, err)
 			}
 		}
-		s.sess.Produce(s.ctx, &kgo.Record{Topic: s.p.cfg.Kafka.Topics.State, Partition: d.part, Key: []byte(d.key), Value: val}, s.promise.Promise())
+		s.sess.Produce(s.ctx, &kgo.Record{Topic: topic, Partition: part, Key: []byte(key), Value: val}, s.promise.Promise())
+		return nil
 	}
+	for part, ps := range s.parts {
+		if ps.next < 0 {
+			continue // nothing processed or committed yet
+		}
+		applied := ps.next - 1
+		wrote := false
+		for {
+			it, ok := ps.oldest()
+			if !ok || (!all && it.at.After(cutoff)) {
+				break
+			}
+			e := it.e
+			e.applied, e.dirtyFrom = applied, -1
+			var st *vigilv1.PatientState
+			if e.pt.empty() {
+				st = &vigilv1.PatientState{SchemaVersion: 1, Tenant: e.pt.tenant, Patient: e.pt.id}
+				delete(ps.pats, e.pt.key)
+				ps.graves[e.pt.key] = applied
+			} else {
+				st = e.pt.toProto()
+			}
+			st.AppliedOffset = applied
+			if err := write(part, e.pt.key, st); err != nil {
+				return err
+			}
+			s.nStates++
+			wrote = true
+		}
+		mark := applied
+		if it, ok := ps.oldest(); ok {
+			mark = it.from - 1
+		}
+		if ps.touched || wrote || mark != ps.checkpoint {
+			if err := write(part, checkpointKey, &vigilv1.PatientState{SchemaVersion: 1, AppliedOffset: mark}); err != nil {
+				return err
+			}
+			ps.checkpoint = mark
+		}
+		for key, g := range ps.graves {
+			if g <= mark { // no replay reaches back to it: remove the key
+				if err := write(part, key, nil); err != nil {
+					return err
+				}
+				delete(ps.graves, key)
+			}
+		}
+	}
+	return nil
+}
+
+// commit writes the due checkpoints and ends the transaction. An abort
+// rolls the owned partitions' state back to the changelog (and the input
+// replay since its checkpoint); an End error ends the session.
+func (s *session) commit(all bool) error {
+	s.mu.Lock()
+	err := s.checkpoint(all)
 	s.mu.Unlock()
+	if err != nil {
+		return err
+	}
 
 	start := time.Now()
 	perr := s.promise.Err()
@@ -597,10 +865,11 @@ func (s *session) commit() error {
 	cancel()
 	s.inTxn = false
 	s.p.m.commitTime.Observe(time.Since(start).Seconds())
-	touched := s.touched
-	s.touched = map[int32]bool{}
-	clear(s.dirtySet)
-	s.dirty = s.dirty[:0]
+	s.mu.Lock()
+	for _, ps := range s.parts {
+		ps.touched = false
+	}
+	s.mu.Unlock()
 	if err != nil {
 		if errors.Is(err, kerr.ProducerFenced) || errors.Is(err, kerr.InvalidProducerEpoch) || errors.Is(err, kerr.TransactionalIDAuthorizationFailed) {
 			return permanent(fmt.Errorf("ending transaction (is another processor running with transactional id %s?): %w", s.p.txnID, err))
@@ -609,46 +878,45 @@ func (s *session) commit() error {
 	}
 	if !committed {
 		s.p.m.aborts.Inc()
-		s.p.log.Info("transaction aborted; rolling state back to the changelog", "produce_err", perr, "partitions", len(touched))
+		s.p.log.Info("transaction aborted; rolling state back to the changelog", "produce_err", perr)
 		if perr != nil {
 			// A record that cannot be produced fails again when redone:
 			// let the session restart with backoff.
 			return fmt.Errorf("producing in transaction: %w", perr)
 		}
-		return s.rollback(touched)
+		return s.rollback()
 	}
 	m := s.p.m
 	m.transactions.Inc()
-	m.samples.Add(float64(s.out.samples))
-	m.late.Add(float64(s.out.late))
+	m.samples.Add(float64(s.samples))
+	m.late.Add(float64(s.late))
 	m.features.Add(float64(s.nFeatures))
 	m.scores.Add(float64(s.nScores))
+	m.statesWritten.Add(float64(s.nStates))
 	for t, n := range s.nAlerts {
 		m.alerts.WithLabelValues(t.Label()).Add(float64(n))
 	}
 	for r, n := range s.nDeadBy {
 		m.deadLetters.WithLabelValues(r).Add(float64(n))
 	}
-	if s.out.late > 0 {
-		s.p.log.Debug("late samples sent to dead letters", "count", s.out.late)
+	if s.late > 0 {
+		s.p.log.Debug("late samples sent to dead letters", "count", s.late)
 	}
 	s.mu.Lock()
 	s.updateGauge()
 	s.mu.Unlock()
-	s.out.reset()
 	return nil
 }
 
-// rollback rebuilds the state of the given partitions (those still owned)
-// from the changelog, after an abort rewound their input.
-func (s *session) rollback(touched map[int32]bool) error {
+// rollback rebuilds the state of every owned partition from the changelog
+// and the input since its checkpoint, after an abort rewound the input (an
+// aborted transaction may have carried checkpoints of any partition).
+func (s *session) rollback() error {
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	var parts []int32
-	for p := range touched {
-		if _, owned := s.parts[p]; owned {
-			parts = append(parts, p)
-		}
+	parts := make([]int32, 0, len(s.parts))
+	for p := range s.parts {
+		parts = append(parts, p)
 	}
 	return s.restoreLocked(s.ctx, s.sess.Client(), parts)
 }
@@ -702,8 +970,8 @@ func (s *session) drop(parts []int32, why string) {
 // updateGauge sets the patients gauge; mu must be held.
 func (s *session) updateGauge() {
 	n := 0
-	for _, pats := range s.parts {
-		n += len(pats)
+	for _, ps := range s.parts {
+		n += len(ps.pats)
 	}
 	s.p.m.patients.Set(float64(n))
 }

@@ -6,8 +6,11 @@ import (
 	"io"
 	"log/slog"
 	"math/rand/v2"
+	"os"
+	"runtime/pprof"
 	"slices"
 	"strings"
+	"syscall"
 	"testing"
 	"time"
 
@@ -232,7 +235,9 @@ func TestProcessorScenario(t *testing.T) {
 	// HR 74, no open alert, on the input's partition.
 	var last *kgo.Record
 	for _, rec := range testenv.ReadAll(t, cfg.Kafka.Brokers[0], cfg.Kafka.Topics.State) {
-		last = rec
+		if string(rec.Key) == "st-mary/p-001" {
+			last = rec
+		}
 	}
 	samples := testenv.ReadAll(t, cfg.Kafka.Brokers[0], cfg.Kafka.Topics.Samples)
 	if last == nil || last.Partition != samples[0].Partition {
@@ -630,4 +635,130 @@ func BenchmarkAlertLatency(b *testing.B) {
 	slices.Sort(lats)
 	b.ReportMetric(float64(lats[len(lats)/2].Microseconds())/1000, "p50-ms")
 	b.ReportMetric(float64(lats[len(lats)*99/100].Microseconds())/1000, "p99-ms")
+}
+
+// BenchmarkStreamEndToEnd is issue 5's throughput figure: records of 8
+// samples (10,000 patients × 8 metrics, one record per patient every 15 s
+// of event time) are pre-produced into the samples topic of an embedded
+// broker in this process; the timer runs from the processor's start until
+// the group has committed all of them, that is until every feature window
+// they closed is committed on the features topic. A read-committed
+// consumer then checks that every patient's closed 1-minute windows are
+// there. It reports samples/s. Run it with a fixed record count, e.g.
+// -benchtime=400000x.
+func BenchmarkStreamEndToEnd(b *testing.B) {
+	const patients, perRecord, stepMs = 10000, 8, 15000
+	cfg := testenv.Config(b, testenv.Kafka(b), "")
+	cfg.Stream.InstanceID = "e2e"
+	metrics := [perRecord]string{"heart_rate", "spo2", "respiratory_rate", "body_temperature",
+		"systolic_bp", "diastolic_bp", "mean_arterial_pressure", "consciousness"}
+	base := [perRecord]float64{80, 97, 16, 37, 120, 80, 93, 0}
+	n := b.N
+	recs := make([]*kgo.Record, 0, min(n, 50000))
+	flush := func() {
+		ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
+		defer cancel()
+		cl, err := kgo.NewClient(append(bus.ClientOpts(cfg.Kafka, slog.New(slog.DiscardHandler)), kgo.ProducerLinger(0))...)
+		if err != nil {
+			b.Fatal(err)
+		}
+		defer cl.Close()
+		if err := cl.ProduceSync(ctx, recs...).FirstErr(); err != nil {
+			b.Fatalf("producing samples: %v", err)
+		}
+		recs = recs[:0]
+	}
+	for i := 0; i < n; i++ {
+		p, step := i%patients, int64(i/patients)
+		at := t0 + step*stepMs + int64(p%1000)
+		bt := &vigilv1.SampleBatch{SchemaVersion: 1, Tenant: "t", Patient: fmt.Sprintf("p-%05d", p), Device: "d",
+			Source: vigilv1.Source_SOURCE_SIMULATOR, IngestTimeMs: at, Samples: make([]*vigilv1.Sample, perRecord)}
+		for j := range metrics {
+			bt.Samples[j] = &vigilv1.Sample{Metric: metrics[j], Value: base[j] + float64((i+j)%5), EventTimeMs: at, Sequence: uint64(step)}
+		}
+		v, err := proto.Marshal(bt)
+		if err != nil {
+			b.Fatal(err)
+		}
+		recs = append(recs, &kgo.Record{Topic: cfg.Kafka.Topics.Samples, Key: bus.PatientKey(bt.Tenant, bt.Patient), Value: v})
+		if len(recs) == cap(recs) {
+			flush()
+		}
+	}
+	flush()
+
+	reg := prometheus.NewRegistry()
+	p, err := New(cfg, stage.Deps{Log: slog.New(slog.DiscardHandler), Metrics: reg})
+	if err != nil {
+		b.Fatal(err)
+	}
+	// VIGIL_BENCH_CPUPROFILE profiles the timed part only (-cpuprofile
+	// would include producing the input).
+	if path := os.Getenv("VIGIL_BENCH_CPUPROFILE"); path != "" {
+		f, err := os.Create(path)
+		if err != nil {
+			b.Fatal(err)
+		}
+		defer f.Close()
+		if err := pprof.StartCPUProfile(f); err != nil {
+			b.Fatal(err)
+		}
+		defer pprof.StopCPUProfile()
+	}
+	cpu0 := cpuTime()
+	b.ResetTimer()
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan error, 1)
+	go func() { done <- p.Run(ctx) }()
+	waitCaughtUp(b, cfg, 10*time.Minute)
+	b.StopTimer()
+	elapsed := b.Elapsed()
+	// The box is shared: CPU seconds (processor and broker, both in this
+	// process) per sample say more than wall time when others are busy.
+	b.ReportMetric(float64(n*perRecord)/(cpuTime()-cpu0).Seconds(), "samples/cpu-s")
+	cancel()
+	if err := <-done; err != nil {
+		b.Fatal(err)
+	}
+	_ = p.Close(context.Background())
+	b.ReportMetric(float64(n*perRecord)/elapsed.Seconds(), "samples/s")
+	b.ReportMetric(counterValue(b, reg, "vigil_stream_transactions_total", ""), "txns")
+
+	// Every patient's 1-minute windows that the input closed are committed.
+	steps := int64((n + patients - 1) / patients)
+	if steps < 2 {
+		return
+	}
+	lastFull := int64(n / patients) // steps every patient reached
+	closedMinutes := ((lastFull-1)*stepMs - cfg.Stream.OutOfOrderness.Milliseconds()) / 60000
+	if closedMinutes < 1 {
+		return
+	}
+	perPatient := map[string]int64{}
+	for _, r := range testenv.ReadAll(b, cfg.Kafka.Brokers[0], cfg.Kafka.Topics.Features) {
+		var fw vigilv1.FeatureWindow
+		if err := proto.Unmarshal(r.Value, &fw); err != nil {
+			b.Fatal(err)
+		}
+		if fw.Kind == vigilv1.WindowKind_WINDOW_KIND_TUMBLING && fw.SizeMs == 60000 {
+			perPatient[fw.Patient]++
+		}
+	}
+	if len(perPatient) != patients {
+		b.Fatalf("1-minute features of %d patients committed, want %d", len(perPatient), patients)
+	}
+	for pt, got := range perPatient {
+		if got < closedMinutes {
+			b.Fatalf("patient %s: %d closed 1-minute windows committed, want at least %d", pt, got, closedMinutes)
+		}
+	}
+}
+
+// cpuTime is the CPU time (user and system) this process has used.
+func cpuTime() time.Duration {
+	var ru syscall.Rusage
+	if err := syscall.Getrusage(syscall.RUSAGE_SELF, &ru); err != nil {
+		return 0
+	}
+	return time.Duration(ru.Utime.Nano() + ru.Stime.Nano())
 }

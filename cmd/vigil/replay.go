@@ -20,6 +20,7 @@ type replayOpts struct {
 	quiet                 bool
 	lanes                 int
 	inflight              int64
+	maxFiles              int64
 }
 
 func replayFlags(fs *flag.FlagSet, e *cliEnv) {
@@ -28,7 +29,8 @@ func replayFlags(fs *flag.FlagSet, e *cliEnv) {
 	fs.StringVar(&o.start, "start", replay.DefaultStart.Format(time.RFC3339), "event time of PSV ICU hour 1 (RFC 3339)")
 	fs.Float64Var(&o.speed, "speed", 0, "play X× real time by event time (e.g. 60: an hour per minute); 0 = full speed")
 	fs.StringVar(&o.target, "target", "", "post to a running vigil's HTTP API (http://host:port) instead of publishing to Kafka in process")
-	fs.BoolVar(&o.quiet, "quiet", false, "no progress bar")
+	fs.BoolVar(&o.quiet, "quiet", false, "no progress (a bar on a terminal, else a line every 5 s on stderr)")
+	fs.Int64Var(&o.maxFiles, "max-files", 0, "stop after this many files (PSV files, recordings, WFDB records; a tarball's entries count one each); 0 = all")
 	fs.IntVar(&o.lanes, "lanes", 4, "concurrent publishers (one patient always uses one)")
 	fs.Int64Var(&o.inflight, "max-inflight-bytes", 32<<20, "bound on the bytes published but not yet acknowledged")
 }
@@ -65,6 +67,7 @@ func cmdReplay(ctx context.Context, env *cliEnv) error {
 	}
 	r, err := replay.New(cfg, p.deps("replay"), replay.Options{
 		Tenant: o.tenant, Start: start, Speed: o.speed, Target: o.target, Lanes: o.lanes, MaxInFlightBytes: o.inflight,
+		MaxFiles: o.maxFiles,
 		Progress: replay.NewProgress(env.stderr, o.quiet),
 	}, nil)
 	if err != nil {
@@ -76,7 +79,7 @@ func cmdReplay(ctx context.Context, env *cliEnv) error {
 	defer cancel()
 	closeErr := r.Close(cctx)
 	el := time.Since(began)
-	fmt.Fprintf(env.stdout, "replayed %d files, %d rows: %d samples accepted in %d batches, %d refused (dead letters); skipped %d lab values, %d unmapped vital values, %d files of unknown format; %.1fs, %.0f samples/s\n",
-		st.Files, st.Rows, st.Samples, st.Batches, st.Refused, st.Labs, st.Unmapped, st.Skipped, el.Seconds(), float64(st.Samples)/max(el.Seconds(), 1e-3))
+	fmt.Fprintf(env.stdout, "replayed %d files, %d rows: %d samples accepted in %d batches, %d refused (dead letters); skipped %d lab values, %d unmapped vital values, %d files of unknown format, %d non-ECG signals; %.1fs, %.0f samples/s\n",
+		st.Files, st.Rows, st.Samples, st.Batches, st.Refused, st.Labs, st.Unmapped, st.Skipped, st.SkippedSignals, el.Seconds(), float64(st.Samples)/max(el.Seconds(), 1e-3))
 	return errors.Join(runErr, closeErr)
 }

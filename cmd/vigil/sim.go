@@ -6,6 +6,7 @@ import (
 	"fmt"
 
 	"github.com/vigilhealth/vigil/ingest/replay"
+	"github.com/vigilhealth/vigil/internal/config"
 	"github.com/vigilhealth/vigil/simulator"
 )
 
@@ -14,6 +15,7 @@ func (p *platform) addSimulator() error {
 	if sc.Target == "" || sc.Target == "http://127.0.0.1:8080" {
 		sc.Target = "http://" + p.cfg.HTTP.Listen
 	}
+	sc.Gateways = p.autoGateways(sc.Gateways)
 	sim, err := simulator.New(sc, p.deps("simulator"))
 	if err != nil {
 		return fmt.Errorf("creating simulator: %w", err)
@@ -21,6 +23,27 @@ func (p *platform) addSimulator() error {
 	// The simulator is the front of the flow: it stops first.
 	p.runner.PrependStage("simulator", sim)
 	return nil
+}
+
+// autoGateways points the simulator's gateways at this process's own
+// listeners when simulator.gateways.auto is set and they are not chosen
+// explicitly: beds over the MLLP listener (plain TCP only), wearables over
+// the embedded MQTT broker, spot checks over the FHIR endpoint. The
+// listeners' bound addresses are in p.cfg once addIngest has run.
+func (p *platform) autoGateways(g config.SimGateways) config.SimGateways {
+	if !g.Auto {
+		return g
+	}
+	if g.MLLP == "" && p.cfg.MLLP.Enabled && p.cfg.MLLP.TLSCert == "" {
+		g.MLLP = p.cfg.MLLP.Listen
+	}
+	if g.MQTT == "" && p.cfg.MQTT.Embedded.Enabled && p.cfg.MQTT.Embedded.TLS.CertFile == "" {
+		g.MQTT = p.cfg.MQTT.Embedded.Listen
+	}
+	if p.cfg.FHIR.Enabled {
+		g.FHIR = true
+	}
+	return g
 }
 
 func cmdSimulate(ctx context.Context, env *cliEnv) error {

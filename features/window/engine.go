@@ -384,20 +384,14 @@ func (e *Engine) advanceTo(p *Patient, wm int64, b *Batch, tenant, patient strin
 		return
 	}
 	wm = max(wm, old)
-	// Fast path: every tumbling/hopping end is a pane boundary; when none
-	// was crossed, no correction is pending and no session can end, only
-	// the watermark moves (the desaturation detector and purging wait for
-	// the next boundary: same order, same results).
-	if old != noEvent && len(p.pending) == 0 && wm < p.sessEnd && Start(wm, e.paneMs) == Start(old, e.paneMs) {
-		p.wm = wm
-		return
-	}
 	// 1. SpO2 detector: pending samples up to the watermark, in order
 	//    (before windows close: an event counts in the pane where it
-	//    qualified, which is still open).
+	//    qualified, which is still open). Done at every move of the
+	//    watermark, so that pending holds at most out_of_orderness of
+	//    samples.
 	for i := range p.series {
 		s := &p.series[i]
-		if s.x == nil || len(s.x.desat.pending) == 0 {
+		if s.x == nil || len(s.x.desat.pending) == 0 || s.x.desat.pending[0].t > wm {
 			continue
 		}
 		d := &s.x.desat
@@ -406,7 +400,15 @@ func (e *Engine) advanceTo(p *Patient, wm int64, b *Batch, tenant, patient strin
 			e.desatStep(s, &e.metrics[s.m], d.pending[n])
 			n++
 		}
-		d.pending = slices.Delete(d.pending, 0, n)
+		d.pending = d.pending[:copy(d.pending, d.pending[n:])]
+	}
+	// Fast path: every tumbling/hopping end is a pane boundary; when none
+	// was crossed, no correction is pending and no session can end, only
+	// the watermark moves (purging waits for the next boundary: same
+	// results).
+	if old != noEvent && len(p.pending) == 0 && wm < p.sessEnd && Start(wm, e.paneMs) == Start(old, e.paneMs) {
+		p.wm = wm
+		return
 	}
 	// 2. Windows to emit: corrections of windows closed before, and
 	//    windows closing now.

@@ -111,18 +111,9 @@ func (h *Handler) put(w http.ResponseWriter, r *http.Request) {
 			fmt.Sprintf("the body is larger than %d bytes", maxBindingBody))
 		return
 	}
-	var req PutRequest
-	dec := json.NewDecoder(bytes.NewReader(body))
-	dec.DisallowUnknownFields()
-	if err := dec.Decode(&req); err != nil {
-		field := ""
-		var te *json.UnmarshalTypeError
-		if errors.As(err, &te) {
-			field = te.Field
-		} else if f, ok := strings.CutPrefix(err.Error(), "json: unknown field "); ok {
-			field = strings.Trim(f, `"`)
-		}
-		problem(w, http.StatusBadRequest, "invalid-json", "Invalid JSON", field, "decoding the body: "+err.Error())
+	req, field, err := DecodePut(body)
+	if err != nil {
+		problem(w, http.StatusBadRequest, "invalid-json", "Invalid JSON", field, err.Error())
 		return
 	}
 	if rf := validate.CheckIDs(req.Tenant, req.Patient, device); rf != nil {
@@ -195,6 +186,27 @@ func (h *Handler) delete(w http.ResponseWriter, r *http.Request) {
 	}
 	h.log.Info("device released", "tenant", tenant, "device", device, "at", fmtMs(at))
 	h.view(w, tenant, device, now.UnixMilli())
+}
+
+// DecodePut decodes a PUT body strictly (unknown fields and trailing data
+// are errors). On error it also returns the offending field when known.
+// It only reads body.
+func DecodePut(body []byte) (req PutRequest, field string, err error) {
+	dec := json.NewDecoder(bytes.NewReader(body))
+	dec.DisallowUnknownFields()
+	if err := dec.Decode(&req); err != nil {
+		var te *json.UnmarshalTypeError
+		if errors.As(err, &te) {
+			field = te.Field
+		} else if f, ok := strings.CutPrefix(err.Error(), "json: unknown field "); ok {
+			field = strings.Trim(f, `"`)
+		}
+		return PutRequest{}, field, fmt.Errorf("decoding the body: %w", err)
+	}
+	if dec.More() {
+		return PutRequest{}, "", errors.New("decoding the body: data after the JSON object")
+	}
+	return req, "", nil
 }
 
 func ids(w http.ResponseWriter, r *http.Request) (tenant, device string, ok bool) {

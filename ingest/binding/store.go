@@ -37,6 +37,7 @@ import (
 	"github.com/twmb/franz-go/pkg/kgo"
 	"google.golang.org/protobuf/proto"
 
+	"github.com/vigilhealth/vigil/ingest/publish"
 	"github.com/vigilhealth/vigil/internal/bus"
 	"github.com/vigilhealth/vigil/internal/clock"
 	"github.com/vigilhealth/vigil/internal/config"
@@ -126,6 +127,9 @@ type Store struct {
 	// progress is what the reader has applied: next offset per partition.
 	progMu  sync.Mutex
 	applied map[int32]int64
+	// targets are the end offsets the initial catch-up reads up to (nil
+	// until listed).
+	targets map[int32]int64
 	changed chan struct{} // closed and replaced whenever applied moves
 	runErr  error         // set when Run stopped with an error
 	stopped bool          // Run returned
@@ -179,7 +183,7 @@ func New(cfg config.Config, deps stage.Deps) (*Store, error) {
 		devices: prometheus.NewGauge(prometheus.GaugeOpts{Name: "vigil_binding_devices",
 			Help: "Devices and beds with a binding history in this process's index."}),
 		writes: prometheus.NewCounterVec(prometheus.CounterOpts{Name: "vigil_binding_writes_total",
-			Help: "Binding writes by operation (bind, release, release_patient) and outcome (ok, noop, error)."}, []string{"op", "outcome"}),
+			Help: "Binding writes by operation (bind, release, release_patient, adt_admit, adt_transfer, adt_update; an ADT discharge counts as release_patient) and outcome (ok, noop, error)."}, []string{"op", "outcome"}),
 		dropped: prometheus.NewCounter(prometheus.CounterOpts{Name: "vigil_binding_intervals_dropped_total",
 			Help: "Old binding intervals dropped because a device's history exceeded its bound."}),
 		bad: prometheus.NewCounter(prometheus.CounterOpts{Name: "vigil_binding_records_invalid_total",
@@ -243,6 +247,7 @@ func (s *Store) run(ctx context.Context) error {
 		return true
 	}
 	s.progMu.Lock()
+	s.targets = targets
 	if caughtUp() {
 		s.markReady()
 		targets = nil
@@ -369,12 +374,40 @@ func (s *Store) Ready(ctx context.Context) error {
 // IsReady reports without blocking whether the initial catch-up is done.
 func (s *Store) IsReady() bool { return s.isReady.Load() }
 
-// Check is a readiness check (httpserver.Check): nil once caught up.
-func (s *Store) Check(context.Context) error {
+// checkWait bounds how long Check waits for the catch-up: a store that
+// starts together with the HTTP server is usually caught up within
+// milliseconds (an empty or small topic), and a probe arriving in between
+// should not see the process as unready for that.
+const checkWait = time.Second
+
+// Check is a readiness check (httpserver.Check): nil once caught up. While
+// the store is still catching up it waits for that, at most checkWait (or
+// until ctx ends), and then reports how far the reader got.
+func (s *Store) Check(ctx context.Context) error {
 	if s.IsReady() {
 		return nil
 	}
-	return errors.New("binding store is still reading " + s.topic)
+	wctx, cancel := context.WithTimeout(ctx, checkWait)
+	defer cancel()
+	err := s.Ready(wctx)
+	if err == nil {
+		return nil
+	}
+	if wctx.Err() == nil {
+		return err // Run stopped
+	}
+	s.progMu.Lock()
+	var applied, target int64
+	for p, end := range s.targets {
+		applied += min(s.applied[p], end)
+		target += end
+	}
+	listed := s.targets != nil
+	s.progMu.Unlock()
+	if !listed {
+		return fmt.Errorf("binding store is still listing the end offsets of %s", s.topic)
+	}
+	return fmt.Errorf("binding store is still reading %s: %d of %d offsets applied", s.topic, applied, target)
 }
 
 func (s *Store) stopErr() error {
@@ -640,6 +673,22 @@ func checkBinding(b Binding) error {
 	return nil
 }
 
+// IsRetriable reports whether a failed write (Bind, Release,
+// ReleasePatient, ApplyADT) may succeed if retried: an *InvalidError never
+// does; ErrClosed (this process is stopping) and transient Kafka failures
+// (timeouts, brokers unavailable: publish.Classify) do. A retried write is
+// safe: writes are idempotent.
+func IsRetriable(err error) bool {
+	var inv *InvalidError
+	switch {
+	case err == nil, errors.As(err, &inv):
+		return false
+	case errors.Is(err, ErrClosed):
+		return true
+	}
+	return publish.Classify(err)
+}
+
 // InvalidError is a write refused for its arguments (permanent); its message
 // names the field.
 type InvalidError struct{ Err error }
@@ -721,4 +770,139 @@ func release(cur []Interval, atMs int64, patient string, now int64, source strin
 		return cur, false
 	}
 	return slices.DeleteFunc(out, func(iv Interval) bool { return iv.ToMs <= iv.FromMs }), true
+}
+
+// ADTKind is the kind of an ADT event, as ApplyADT applies it.
+type ADTKind string
+
+// ADT event kinds, named by what they do; the HL7 v2 trigger events that
+// map onto each are given.
+const (
+	// ADTAdmit (A01 admit; also A04 register, A13 cancel discharge): the
+	// patient occupies Bed from the event time.
+	ADTAdmit ADTKind = "admit"
+	// ADTTransfer (A02): the patient leaves PriorBed (PV1-6) and occupies
+	// Bed (PV1-3) from the event time.
+	ADTTransfer ADTKind = "transfer"
+	// ADTDischarge (A03; also A11 cancel admit): every binding of the
+	// patient in force at the event time ends then.
+	ADTDischarge ADTKind = "discharge"
+	// ADTUpdate (A08): patient information changed; when it carries a bed
+	// the patient is not bound to, it is applied as an admit to that bed
+	// (the feed's latest word on where the patient is); without a bed it
+	// changes nothing.
+	ADTUpdate ADTKind = "update"
+)
+
+// ADTEvent is one ADT event for ApplyADT.
+type ADTEvent struct {
+	Kind    ADTKind
+	Tenant  string
+	Patient string // PID-3
+	// Bed is the BedKey of the assigned location (PV1-3); required by a
+	// transfer, optional for admit and update (nothing to bind without
+	// it), ignored by a discharge.
+	Bed string
+	// PriorBed is the BedKey of the prior location (PV1-6) of a transfer;
+	// optional (see ApplyADT).
+	PriorBed string
+	// AtMs is when the event took effect (EVN-2, else MSH-7), Unix ms.
+	AtMs int64
+	// SetBy names the message, e.g. "<MSH-4> ADT^A02 <MSH-10>"; it is
+	// kept on the intervals the event opens.
+	SetBy string
+}
+
+// ApplyADT applies one ADT event to the bindings as one write: every device
+// or bed it changes is produced together and the call returns once all of
+// them are in Kafka and applied here (or with an error; it is then safe to
+// retry the same event: applying an event twice changes nothing the second
+// time). A patient occupies one bed: admit, transfer and update bind Bed to
+// the patient from AtMs (cutting whoever occupied it then) and end, at AtMs,
+// the patient's bindings to any other bed ("bed:" keys) and to PriorBed;
+// bindings of the patient to devices by id (monitors, wearables bound over
+// the API) are kept. An admit, transfer or update whose interval exists
+// already (same bed, patient and time: a resent message) changes nothing,
+// even if a later event ended that interval. Releases are per patient: a prior bed already taken by
+// someone else keeps its new occupant, whatever order the events come in.
+// A discharge ends every binding of the patient, beds and devices, in force
+// at AtMs, so that no device goes on filing samples under a discharged
+// patient. Invalid events (no tenant or patient, a transfer without a bed,
+// a negative time, an unknown kind) return an *InvalidError naming the
+// field; IsRetriable tells which failures may be retried.
+func (s *Store) ApplyADT(ctx context.Context, ev ADTEvent) error {
+	op := "adt_" + string(ev.Kind)
+	if err := checkADT(ev); err != nil {
+		s.m.writes.WithLabelValues("adt", "error").Inc()
+		return err
+	}
+	if ev.Kind == ADTDischarge {
+		return s.ReleasePatient(ctx, ev.Tenant, ev.Patient, ev.AtMs, SourceADT)
+	}
+	if ev.Bed == "" {
+		// An admit or update without a location: nothing to bind.
+		s.m.writes.WithLabelValues(op, "noop").Inc()
+		return nil
+	}
+	return s.write(ctx, op, func(now int64) []update {
+		var ups []update
+		// The patient's other beds, and the prior bed, are left at AtMs.
+		s.mu.RLock()
+		var leave []string
+		for k, ivs := range s.index {
+			if k.tenant != ev.Tenant || k.device == ev.Bed || (k.device != ev.PriorBed && !strings.HasPrefix(k.device, "bed:")) {
+				continue
+			}
+			for _, iv := range ivs {
+				if iv.Patient == ev.Patient && iv.Covers(ev.AtMs) {
+					leave = append(leave, k.device)
+					break
+				}
+			}
+		}
+		s.mu.RUnlock()
+		slices.Sort(leave)
+		for _, d := range leave {
+			if next, changed := release(s.Get(ev.Tenant, d), ev.AtMs, ev.Patient, now, SourceADT); changed {
+				ups = append(ups, update{ev.Tenant, d, next})
+			}
+		}
+		cur := s.Get(ev.Tenant, ev.Bed)
+		if slices.ContainsFunc(cur, func(iv Interval) bool { return iv.Patient == ev.Patient && iv.FromMs == ev.AtMs }) {
+			// This event was applied before (a resent message): what
+			// later events did to the interval it opened stands.
+			return ups
+		}
+		next, changed := bind(cur, Interval{Patient: ev.Patient, FromMs: ev.AtMs,
+			Source: SourceADT, SetBy: ev.SetBy, UpdatedMs: now})
+		if changed {
+			ups = append(ups, update{ev.Tenant, ev.Bed, next})
+		}
+		return ups
+	})
+}
+
+func checkADT(ev ADTEvent) error {
+	var errs []error
+	switch ev.Kind {
+	case ADTAdmit, ADTTransfer, ADTDischarge, ADTUpdate:
+	default:
+		errs = append(errs, fmt.Errorf("kind: %q is not admit, transfer, discharge or update", ev.Kind))
+	}
+	if ev.Tenant == "" || strings.Contains(ev.Tenant, "/") {
+		errs = append(errs, errors.New("tenant: must be set, without '/'"))
+	}
+	if ev.Patient == "" {
+		errs = append(errs, errors.New("patient: must be set (PID-3)"))
+	}
+	if ev.Kind == ADTTransfer && ev.Bed == "" {
+		errs = append(errs, errors.New("bed: a transfer needs the new location (PV1-3)"))
+	}
+	if ev.AtMs < 0 {
+		errs = append(errs, errors.New("at: must not be before the Unix epoch"))
+	}
+	if err := errors.Join(errs...); err != nil {
+		return &InvalidError{Err: err}
+	}
+	return nil
 }

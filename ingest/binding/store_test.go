@@ -122,71 +122,110 @@ func TestInstancesShareBindings(t *testing.T) {
 	}
 }
 
-// TestADTSequence plays admit, transfer, re-use of the bed and discharge and
-// checks who each bed resolves to at every step, before and after.
+// TestADTSequence plays admit, transfer (with and without the prior bed),
+// re-use of a bed, update and discharge through ApplyADT and checks who each
+// bed and device resolves to at every step, before and after, on this
+// instance and on a restarted one; repeated events change nothing.
 func TestADTSequence(t *testing.T) {
 	cfg := testenv.Config(t, testenv.Kafka(t), "")
-	s := startStore(t, cfg, nil)
+	reg := prometheus.NewRegistry()
+	s := startStore(t, cfg, reg)
 	ctx := context.Background()
-	bed12, bed14 := BedKey("ICU1", "12", "A"), BedKey("ICU1", "14", "")
+	bed12, bed14, bed16 := BedKey("ICU1", "12", "A"), BedKey("ICU1", "14", ""), BedKey("ICU1", "16", "")
 	var (
-		admit    = ms("2026-11-23T08:00:00Z")
-		transfer = ms("2026-11-23T10:00:00Z")
-		admit2   = ms("2026-11-23T11:00:00Z")
-		disch    = ms("2026-11-23T15:00:00Z")
+		admit     = ms("2026-11-23T08:00:00Z")
+		transfer  = ms("2026-11-23T10:00:00Z")
+		admit2    = ms("2026-11-23T11:00:00Z")
+		transfer2 = ms("2026-11-23T13:00:00Z")
+		disch     = ms("2026-11-23T15:00:00Z")
 	)
-	must := func(err error) {
+	apply := func(ev ADTEvent) {
 		t.Helper()
-		if err != nil {
-			t.Fatal(err)
+		ev.Tenant = "h"
+		if err := s.ApplyADT(ctx, ev); err != nil {
+			t.Fatalf("%s %s: %v", ev.Kind, ev.SetBy, err)
 		}
 	}
-	// A01: p-1 admitted to bed 12.
-	must(s.Bind(ctx, Binding{Tenant: "h", Device: bed12, Patient: "p-1", FromMs: admit, Source: SourceADT, SetBy: "MSG1"}))
-	// A02: p-1 moves to bed 14; bed 12 is freed.
-	must(s.Release(ctx, "h", bed12, transfer, SourceADT))
-	must(s.Bind(ctx, Binding{Tenant: "h", Device: bed14, Patient: "p-1", FromMs: transfer, Source: SourceADT, SetBy: "MSG2"}))
+	// A01: p-1 admitted to bed 12; a monitor is bound to p-1 over the API.
+	apply(ADTEvent{Kind: ADTAdmit, Patient: "p-1", Bed: bed12, AtMs: admit, SetBy: "GW ADT^A01 MSG1"})
+	if err := s.Bind(ctx, Binding{Tenant: "h", Device: "mon-9", Patient: "p-1", FromMs: admit, Source: SourceAPI}); err != nil {
+		t.Fatal(err)
+	}
+	// A02: p-1 moves from bed 12 (PV1-6) to bed 14.
+	apply(ADTEvent{Kind: ADTTransfer, Patient: "p-1", Bed: bed14, PriorBed: bed12, AtMs: transfer, SetBy: "GW ADT^A02 MSG2"})
 	// A01: p-2 admitted to bed 12.
-	must(s.Bind(ctx, Binding{Tenant: "h", Device: bed12, Patient: "p-2", FromMs: admit2, Source: SourceADT, SetBy: "MSG3"}))
-	// A03: p-1 discharged.
-	must(s.ReleasePatient(ctx, "h", "p-1", disch, SourceADT))
-	// A repeated A03 changes nothing.
-	must(s.ReleasePatient(ctx, "h", "p-1", disch, SourceADT))
+	apply(ADTEvent{Kind: ADTAdmit, Patient: "p-2", Bed: bed12, AtMs: admit2, SetBy: "GW ADT^A01 MSG3"})
+	// A02 without PV1-6: p-2 moves to bed 16, bed 12 is freed all the same.
+	apply(ADTEvent{Kind: ADTTransfer, Patient: "p-2", Bed: bed16, AtMs: transfer2, SetBy: "GW ADT^A02 MSG4"})
+	// A08 without a location, and one confirming bed 16: no change.
+	apply(ADTEvent{Kind: ADTUpdate, Patient: "p-2", AtMs: transfer2 + 60_000, SetBy: "GW ADT^A08 MSG5"})
+	apply(ADTEvent{Kind: ADTUpdate, Patient: "p-2", Bed: bed16, AtMs: transfer2 + 60_000, SetBy: "GW ADT^A08 MSG6"})
+	// A03: p-1 discharged: bed 14 and the monitor end.
+	apply(ADTEvent{Kind: ADTDischarge, Patient: "p-1", AtMs: disch, SetBy: "GW ADT^A03 MSG7"})
+	applied := testutil.ToFloat64(s.m.applied)
+	// The transfer and the discharge again (a resent message): no change.
+	apply(ADTEvent{Kind: ADTTransfer, Patient: "p-1", Bed: bed14, PriorBed: bed12, AtMs: transfer, SetBy: "GW ADT^A02 MSG2"})
+	apply(ADTEvent{Kind: ADTDischarge, Patient: "p-1", AtMs: disch, SetBy: "GW ADT^A03 MSG7"})
 
-	for _, tc := range []struct {
-		bed  string
-		at   int64
-		want string // "" = unbound
-	}{
-		{bed12, admit - 1, ""},
-		{bed12, admit, "p-1"},
-		{bed12, transfer - 1, "p-1"},
-		{bed12, transfer, ""},
-		{bed12, admit2 - 1, ""},
-		{bed12, admit2, "p-2"},
-		{bed12, disch + 3600_000, "p-2"}, // p-2 still in bed 12
-		{bed14, transfer - 1, ""},
-		{bed14, transfer, "p-1"},
-		{bed14, disch - 1, "p-1"},
-		{bed14, disch, ""},
-	} {
-		got, ok := s.Resolve("h", tc.bed, tc.at)
-		if got != tc.want || ok != (tc.want != "") {
-			t.Errorf("%s at %s: got %q %v, want %q", tc.bed, time.UnixMilli(tc.at).UTC().Format(time.TimeOnly), got, ok, tc.want)
+	check := func(who string, st *Store) {
+		t.Helper()
+		for _, tc := range []struct {
+			dev  string
+			at   int64
+			want string // "" = unbound
+		}{
+			{bed12, admit - 1, ""},
+			{bed12, admit, "p-1"},
+			{bed12, transfer - 1, "p-1"},
+			{bed12, transfer, ""},
+			{bed12, admit2 - 1, ""},
+			{bed12, admit2, "p-2"},
+			{bed12, transfer2 - 1, "p-2"},
+			{bed12, transfer2, ""},
+			{bed14, transfer - 1, ""},
+			{bed14, transfer, "p-1"},
+			{bed14, disch - 1, "p-1"},
+			{bed14, disch, ""},
+			{bed16, transfer2, "p-2"},
+			{bed16, disch + 86_400_000, "p-2"}, // p-2 still there
+			{"mon-9", transfer + 1, "p-1"},     // a transfer keeps device bindings
+			{"mon-9", disch - 1, "p-1"},
+			{"mon-9", disch, ""}, // a discharge ends them
+		} {
+			got, ok := st.Resolve("h", tc.dev, tc.at)
+			if got != tc.want || ok != (tc.want != "") {
+				t.Errorf("%s: %s at %s: got %q %v, want %q", who, tc.dev, time.UnixMilli(tc.at).UTC().Format(time.TimeOnly), got, ok, tc.want)
+			}
 		}
+	}
+	check("live", s)
+	if got := testutil.ToFloat64(s.m.applied); got != applied {
+		t.Errorf("repeated transfer and discharge wrote %v records, want none", got-applied)
+	}
+	if got := testutil.ToFloat64(s.m.writes.WithLabelValues("adt_transfer", "noop")); got != 1 {
+		t.Errorf(`vigil_binding_writes_total{op="adt_transfer",outcome="noop"} = %v, want 1`, got)
 	}
 	h := s.Get("h", bed14)
-	if len(h) != 1 || h[0].ToMs != disch || h[0].EndSource != SourceADT {
+	if len(h) != 1 || h[0].ToMs != disch || h[0].EndSource != SourceADT || h[0].SetBy != "GW ADT^A02 MSG2" {
 		t.Errorf("bed 14 history: %+v", h)
 	}
-	// The same sequence is what a restarted instance reads back.
-	r := startStore(t, cfg, nil)
-	if p, ok := r.Resolve("h", bed12, transfer+1); ok {
-		t.Errorf("restarted instance: bed 12 resolves to %q after the transfer", p)
+	if h := s.Get("h", bed12); len(h) != 2 || h[0].EndSource != SourceADT || h[1].Patient != "p-2" || h[1].ToMs != transfer2 {
+		t.Errorf("bed 12 history: %+v", h)
 	}
-	if p, ok := r.Resolve("h", bed12, disch); !ok || p != "p-2" {
-		t.Errorf("restarted instance: bed 12 at discharge: %q %v", p, ok)
+
+	// Invalid events name the field and change nothing.
+	err := s.ApplyADT(ctx, ADTEvent{Kind: ADTTransfer, Tenant: "h", Patient: "p-3", AtMs: disch})
+	var inv *InvalidError
+	if !errors.As(err, &inv) || !strings.Contains(err.Error(), "bed:") {
+		t.Errorf("transfer without a bed: %v, want an InvalidError naming bed", err)
 	}
+	if err := s.ApplyADT(ctx, ADTEvent{Kind: "A99", Tenant: "h", Patient: "p-3"}); !errors.As(err, &inv) || !strings.Contains(err.Error(), "kind:") {
+		t.Errorf("unknown kind: %v", err)
+	}
+
+	// The same history is what a restarted instance reads back from the
+	// compacted topic.
+	check("restarted", startStore(t, cfg, nil))
 }
 
 func TestHistoryIsBounded(t *testing.T) {
@@ -268,3 +307,59 @@ func TestBindIntervals(t *testing.T) {
 func asInvalid(err error, target **InvalidError) bool { return errors.As(err, target) }
 
 func contains(s, sub string) bool { return strings.Contains(s, sub) }
+
+// TestCheckReadiness: the readiness check fails, naming why, while the store
+// has not caught up, and passes as soon as it has, without the caller
+// polling: a probe that arrives while Run starts waits for the catch-up.
+func TestCheckReadiness(t *testing.T) {
+	cfg := testenv.Config(t, testenv.Kafka(t), "")
+	// Some history for the second store to read.
+	w := startStore(t, cfg, nil)
+	for i := range 20 {
+		if err := w.Bind(context.Background(), Binding{Tenant: "h", Device: fmt.Sprintf("d-%d", i), Patient: "p", FromMs: 1, Source: SourceAPI}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	s, err := New(cfg, stage.Deps{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer s.Close(context.Background())
+	start := time.Now()
+	err = s.Check(context.Background())
+	if err == nil || !strings.Contains(err.Error(), "still listing the end offsets of "+cfg.Kafka.Topics.Bindings) {
+		t.Fatalf("Check before Run: %v", err)
+	}
+	if d := time.Since(start); d < 900*time.Millisecond || d > 3*time.Second {
+		t.Errorf("Check before Run answered after %s, want about 1 s", d)
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	probe := make(chan error, 1)
+	go func() { probe <- s.Check(context.Background()) }()
+	go func() { _ = s.Run(ctx) }()
+	if err := <-probe; err != nil {
+		t.Fatalf("Check while Run starts: %v", err)
+	}
+	if s.Len() != 20 {
+		t.Errorf("ready with %d devices read, want 20", s.Len())
+	}
+}
+
+// TestWriteErrorsClassified: an invalid write is permanent, a write to a
+// closed store (a stopping process) may be retried elsewhere.
+func TestWriteErrorsClassified(t *testing.T) {
+	cfg := testenv.Config(t, testenv.Kafka(t), "")
+	s := startStore(t, cfg, nil)
+	err := s.ApplyADT(context.Background(), ADTEvent{Kind: ADTAdmit, Tenant: "h", Bed: "bed:1", AtMs: 1})
+	if err == nil || IsRetriable(err) || !strings.Contains(err.Error(), "patient:") {
+		t.Errorf("admit without a patient: %v (retriable %v), want a permanent error naming patient", err, IsRetriable(err))
+	}
+	if err := s.Close(context.Background()); err != nil {
+		t.Fatal(err)
+	}
+	err = s.ApplyADT(context.Background(), ADTEvent{Kind: ADTAdmit, Tenant: "h", Patient: "p", Bed: "bed:1", AtMs: 1})
+	if !errors.Is(err, ErrClosed) || !IsRetriable(err) {
+		t.Errorf("admit on a closed store: %v (retriable %v), want retriable ErrClosed", err, IsRetriable(err))
+	}
+}

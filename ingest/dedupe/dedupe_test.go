@@ -87,6 +87,70 @@ func TestBoundedEvictsOldest(t *testing.T) {
 	}
 }
 
+// TestFullFilterKeepsNewest: a full filter keeps at least the newest half
+// of its bound, forgets the oldest keys first and counts what it forgot;
+// keys older than the window go without being counted.
+func TestFullFilterKeepsNewest(t *testing.T) {
+	clk := clock.NewManual(time.Unix(1_700_000_000, 0))
+	const max, n = 16 * 2048, 50_000
+	f := New(time.Hour, max, clk)
+	reg := prometheus.NewRegistry()
+	if err := f.Register(reg, "test"); err != nil {
+		t.Fatal(err)
+	}
+	for i := 0; i < n; i++ {
+		clk.Advance(time.Microsecond)
+		if f.Seen(SampleKey(nil, "t", "d", uint64(i))) {
+			t.Fatalf("key %d reported as duplicate on first sight", i)
+		}
+	}
+	kept := f.Len()
+	if kept < max/2 || kept > max || f.Evicted() != uint64(n-kept) {
+		t.Fatalf("len %d evicted %d, want between %d and %d kept and the rest counted", kept, f.Evicted(), max/2, max)
+	}
+	// Each shard keeps at least its newest 1024 keys: the last 12000
+	// (about 750 per shard) are all remembered; the first 10000 (with
+	// about 2500 newer keys per shard after them) are all forgotten.
+	for i := n - 12_000; i < n; i++ {
+		if !f.Contains(SampleKey(nil, "t", "d", uint64(i))) {
+			t.Fatalf("recent key %d forgotten", i)
+		}
+	}
+	for i := 0; i < 10_000; i++ {
+		if f.Contains(SampleKey(nil, "t", "d", uint64(i))) {
+			t.Fatalf("old key %d still remembered in a full filter", i)
+		}
+	}
+	// Past the window everything expires, uncounted.
+	evicted := f.Evicted()
+	clk.Advance(time.Hour)
+	if f.Contains(SampleKey(nil, "t", "d", n-1)) {
+		t.Fatal("a key older than the window is still remembered")
+	}
+	if got := gatheredGauge(t, reg, "vigil_ingest_dedupe_keys"); got != 0 {
+		t.Fatalf("after the window: vigil_ingest_dedupe_keys = %v, want 0", got)
+	}
+	f.Add(SampleKey(nil, "t", "d", 1))
+	if f.Len() != 1 || f.Evicted() != evicted {
+		t.Fatalf("after the window: %d keys, %d evicted; want 1 and %d", f.Len(), f.Evicted(), evicted)
+	}
+}
+
+func gatheredGauge(t *testing.T, reg *prometheus.Registry, name string) float64 {
+	t.Helper()
+	mfs, err := reg.Gather()
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, mf := range mfs {
+		if mf.GetName() == name {
+			return mf.GetMetric()[0].GetGauge().GetValue()
+		}
+	}
+	t.Fatalf("no metric %s", name)
+	return 0
+}
+
 func gathered(t *testing.T, reg *prometheus.Registry, name string) float64 {
 	t.Helper()
 	mfs, err := reg.Gather()

@@ -102,6 +102,10 @@ type Issue struct {
 // occurrence of a segment other than OBX, OBR).
 func (i Issue) Path() string {
 	if i.Segment == "" {
+		if i.Sequence > 0 {
+			// A segment whose id could not be read.
+			return "segment[" + strconv.Itoa(i.Sequence) + "]"
+		}
 		return ""
 	}
 	var b strings.Builder
@@ -185,7 +189,9 @@ func BuildACK(dst []byte, h Header, code string, issues []Issue, now time.Time, 
 			break
 		}
 		dst = append(dst, "\rERR||"...)
-		if is.Segment != "" {
+		if is.Segment != "" || is.Sequence > 0 {
+			// A segment whose id could not be read is located by its
+			// position alone ("^7").
 			dst = Escape(dst, is.Segment, d)
 			dst = append(dst, '^')
 			if is.Sequence > 0 {

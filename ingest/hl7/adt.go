@@ -3,102 +3,70 @@ package hl7
 import (
 	"time"
 
+	"github.com/vigilhealth/vigil/ingest/binding"
 	"github.com/vigilhealth/vigil/ingest/validate"
 )
 
-// BindingOp is one change to the device/bed → patient bindings that an ADT
-// message implies.
-type BindingOp struct {
-	// Kind is OpBind, OpRelease (the location's binding ends) or
-	// OpReleasePatient (every binding of the patient ends).
-	Kind OpKind
-	// Location is the bed key (BedKey) bound or released.
-	Location string
-	Patient  string
-	// AtMs is when the change takes effect (EVN-2, else MSH-7), Unix ms.
-	AtMs int64
-}
-
-// OpKind names a binding change.
-type OpKind int
-
-// Binding changes.
-const (
-	OpBind OpKind = iota + 1
-	OpRelease
-	OpReleasePatient
-)
-
-// String names the kind.
-func (k OpKind) String() string {
-	switch k {
-	case OpBind:
-		return "bind"
-	case OpRelease:
-		return "release"
-	case OpReleasePatient:
-		return "release_patient"
+// ADTKind maps an ADT trigger event onto the binding change it implies
+// (ingest/binding's ADT kinds): A01 admit, A04 register and A13 cancel
+// discharge admit; A02 transfer and A12 cancel transfer transfer (for A12,
+// HL7 puts the location the patient returns to in PV1-3 and the one left
+// in PV1-6, so it is a transfer like any other); A03 discharge and A11
+// cancel admit discharge; A08 update. Other triggers imply no change (ok
+// false).
+func ADTKind(trigger string) (binding.ADTKind, bool) {
+	switch trigger {
+	case "A01", "A04", "A13":
+		return binding.ADTAdmit, true
+	case "A02", "A12":
+		return binding.ADTTransfer, true
+	case "A03", "A11":
+		return binding.ADTDischarge, true
+	case "A08":
+		return binding.ADTUpdate, true
 	}
-	return "unknown"
+	return "", false
 }
 
-// DecodeADT computes the binding changes of an ADT message: admit (A01),
-// register (A04) and update (A08) bind PV1-3 to the patient (PID-3);
-// transfer (A02) releases the prior location PV1-6 and binds PV1-3;
-// discharge (A03) and cancel admit (A11) release the patient; cancel
-// transfer (A12) releases PV1-3 and binds PV1-6 again; cancel discharge
-// (A13) binds PV1-3 again. Other ADT events imply no change. The time is
-// EVN-2, else MSH-7, else nowMs. A message that needs a patient and has
-// none gives an Issue.
-func DecodeADT(m *Message, trigger string, zone *time.Location, nowMs int64) ([]BindingOp, *Issue) {
-	at := nowMs
+// DecodeADT reads the binding change of an ADT message for
+// binding.Store.ApplyADT: the kind from the trigger (ADTKind), the patient
+// from PID-3, the bed from PV1-3 and the prior bed from PV1-6 (as BedKeys),
+// the time from EVN-2, else EVN-6, else MSH-7, else nowMs. The caller sets
+// Tenant and SetBy. It returns nil, nil for a trigger that implies no
+// change, and an Issue for a message that needs a patient (or, for a
+// transfer, a bed) and has none.
+func DecodeADT(m *Message, trigger string, zone *time.Location, nowMs int64) (*binding.ADTEvent, *Issue) {
+	kind, ok := ADTKind(trigger)
+	if !ok {
+		return nil, nil
+	}
+	ev := &binding.ADTEvent{Kind: kind, AtMs: nowMs}
+	msh7 := m.MSH().Field(7).Raw()
 	if evn, ok := m.First("EVN"); ok {
 		if t, err := ParseTime(evn.Field(2).Raw(), zone); err == nil {
-			at = t
+			ev.AtMs = t
 		} else if t, err := ParseTime(evn.Field(6).Raw(), zone); err == nil {
-			at = t
-		} else if t, err := ParseTime(m.MSH().Field(7).Raw(), zone); err == nil {
-			at = t
+			ev.AtMs = t
+		} else if t, err := ParseTime(msh7, zone); err == nil {
+			ev.AtMs = t
 		}
-	} else if t, err := ParseTime(m.MSH().Field(7).Raw(), zone); err == nil {
-		at = t
+	} else if t, err := ParseTime(msh7, zone); err == nil {
+		ev.AtMs = t
 	}
-	var patient, bed, prior string
 	if pid, ok := m.First("PID"); ok {
-		patient = PatientID(pid.Field(3))
+		ev.Patient = PatientID(pid.Field(3))
 	}
 	if pv1, ok := m.First("PV1"); ok {
-		bed = LocationKey(pv1.Field(3))
-		prior = LocationKey(pv1.Field(6))
+		ev.Bed = LocationKey(pv1.Field(3))
+		ev.PriorBed = LocationKey(pv1.Field(6))
 	}
-	var ops []BindingOp
-	bind := func(loc string) {
-		if loc != "" {
-			ops = append(ops, BindingOp{Kind: OpBind, Location: loc, Patient: patient, AtMs: at})
-		}
-	}
-	release := func(loc string) {
-		if loc != "" {
-			ops = append(ops, BindingOp{Kind: OpRelease, Location: loc, Patient: patient, AtMs: at})
-		}
-	}
-	switch trigger {
-	case "A01", "A04", "A08", "A13":
-		bind(bed)
-	case "A02":
-		if prior != bed {
-			release(prior)
-		}
-		bind(bed)
-	case "A03", "A11":
-		ops = append(ops, BindingOp{Kind: OpReleasePatient, Patient: patient, AtMs: at})
-	case "A12":
-		release(bed)
-		bind(prior)
-	}
-	if len(ops) > 0 && patient == "" {
+	if ev.Patient == "" {
 		return nil, &Issue{Segment: "PID", Sequence: 1, Field: 3, Code: CodeRequiredMissing, Severity: SeverityError,
 			Reason: validate.MissingField, Message: "ADT^" + trigger + " without a patient id (PID-3)"}
 	}
-	return ops, nil
+	if kind == binding.ADTTransfer && ev.Bed == "" {
+		return nil, &Issue{Segment: "PV1", Sequence: 1, Field: 3, Code: CodeRequiredMissing, Severity: SeverityError,
+			Reason: validate.MissingField, Message: "ADT^" + trigger + " (transfer) without the new location (PV1-3)"}
+	}
+	return ev, nil
 }

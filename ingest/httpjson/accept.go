@@ -111,7 +111,7 @@ func (h *Handler) accept(ctx context.Context, data []byte, m Meta, now int64) Ou
 	o := Outcome{Samples: len(b.samples), MessageID: msgID}
 	batches, letters, problems := h.validate(b, m, msgID, now)
 	accepted := len(b.samples) - len(letters)
-	batches = h.dropDuplicates(batches, m.source())
+	batches = h.dropDuplicates(batches, m.source(), d)
 
 	// Refusals first: if Kafka then fails the samples, the sender's retry
 	// duplicates dead letters at worst, and a refusal is only ever answered
@@ -122,7 +122,7 @@ func (h *Handler) accept(ctx context.Context, data []byte, m Meta, now int64) Ou
 	if err := h.pub.Publish(ctx, batches); err != nil {
 		return h.failed(o, err)
 	}
-	h.rememberPublished(batches)
+	h.rememberPublished(d)
 	o.Accepted, o.Rejected = accepted, len(letters)
 	if len(letters) == 0 {
 		return o

@@ -10,6 +10,7 @@ import (
 
 	"github.com/go-json-experiment/json/jsontext"
 
+	"github.com/vigilhealth/vigil/ingest/dedupe"
 	"github.com/vigilhealth/vigil/ingest/validate"
 )
 
@@ -76,6 +77,9 @@ type decoder struct {
 	dec jsontext.Decoder
 	rd  bytes.Buffer
 	b   body
+	// keys and sorted are the duplicate-filter keys of the request's
+	// samples (limits.go), reused from request to request.
+	keys, sorted []dedupe.Key
 }
 
 const (

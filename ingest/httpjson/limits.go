@@ -1,10 +1,12 @@
 package httpjson
 
 import (
+	"cmp"
 	"context"
 	"errors"
 	"fmt"
 	"net"
+	"slices"
 	"strconv"
 	"time"
 
@@ -131,16 +133,45 @@ func (h *Handler) limitRate(ctx context.Context, b *body, m *Meta, msgID string)
 // dropDuplicates removes from batches the samples with a device sequence
 // that were already published within the window, or appear twice in these
 // batches; they count as accepted (the sender did nothing wrong) and in
-// vigil_ingest_duplicates_total. Batches left empty are dropped.
-func (h *Handler) dropDuplicates(batches []*vigilv1.SampleBatch, source vigilv1.Source) []*vigilv1.SampleBatch {
+// vigil_ingest_duplicates_total. Batches left empty are dropped. The keys
+// of the kept samples are left in d.keys for rememberPublished.
+func (h *Handler) dropDuplicates(batches []*vigilv1.SampleBatch, source vigilv1.Source, d *decoder) []*vigilv1.SampleBatch {
+	d.keys = d.keys[:0]
 	if h.limits == nil || h.limits.dedupe == nil {
 		return batches
 	}
+	f := h.limits.dedupe
+	var kb []byte
+	keys := d.keys
+	for _, b := range batches {
+		for _, s := range b.Samples {
+			if s.Sequence != 0 {
+				kb = dedupe.SampleKey(kb[:0], b.Tenant, b.Device, s.Sequence)
+				keys = append(keys, f.Key(kb))
+			}
+		}
+	}
+	// A sequence twice in one request is rare: a sorted copy tells
+	// whether there is one, without a map per request.
+	sorted := append(d.sorted[:0], keys...)
+	slices.SortFunc(sorted, func(a, b dedupe.Key) int {
+		if c := cmp.Compare(a[0], b[0]); c != 0 {
+			return c
+		}
+		return cmp.Compare(a[1], b[1])
+	})
+	d.sorted = sorted
+	var local map[dedupe.Key]struct{}
+	for i := 1; i < len(sorted); i++ {
+		if sorted[i] == sorted[i-1] {
+			local = make(map[dedupe.Key]struct{}, len(keys))
+			break
+		}
+	}
 	var (
-		key   []byte
-		local map[string]struct{}
-		dups  int
-		out   = batches[:0]
+		dups    int
+		out     = batches[:0]
+		next, w int
 	)
 	for _, b := range batches {
 		kept := b.Samples[:0]
@@ -149,19 +180,21 @@ func (h *Handler) dropDuplicates(batches []*vigilv1.SampleBatch, source vigilv1.
 				kept = append(kept, s)
 				continue
 			}
-			key = dedupe.SampleKey(key[:0], b.Tenant, b.Device, s.Sequence)
-			if h.limits.dedupe.Contains(key) {
+			k := keys[next]
+			next++
+			if f.ContainsKey(k) {
 				dups++
 				continue
 			}
-			if _, twice := local[string(key)]; twice {
-				dups++
-				continue
+			if local != nil {
+				if _, twice := local[k]; twice {
+					dups++
+					continue
+				}
+				local[k] = struct{}{}
 			}
-			if local == nil {
-				local = map[string]struct{}{}
-			}
-			local[string(key)] = struct{}{}
+			keys[w] = k // w ≤ next: compacting in place
+			w++
 			kept = append(kept, s)
 		}
 		b.Samples = kept
@@ -169,26 +202,21 @@ func (h *Handler) dropDuplicates(batches []*vigilv1.SampleBatch, source vigilv1.
 			out = append(out, b)
 		}
 	}
+	d.keys = keys[:w]
 	if dups > 0 {
 		h.limits.duplicates.WithLabelValues(source.Label()).Add(float64(dups))
 	}
 	return out
 }
 
-// rememberPublished records the sequences of published samples, once Kafka
-// acknowledged them (so a sample whose publish failed is not suppressed
-// when the sender retries it).
-func (h *Handler) rememberPublished(batches []*vigilv1.SampleBatch) {
+// rememberPublished records the sequences of published samples (d.keys,
+// from dropDuplicates), once Kafka acknowledged them, so that a sample
+// whose publish failed is not suppressed when the sender retries it.
+func (h *Handler) rememberPublished(d *decoder) {
 	if h.limits == nil || h.limits.dedupe == nil {
 		return
 	}
-	var key []byte
-	for _, b := range batches {
-		for _, s := range b.Samples {
-			if s.Sequence != 0 {
-				key = dedupe.SampleKey(key[:0], b.Tenant, b.Device, s.Sequence)
-				h.limits.dedupe.Add(key)
-			}
-		}
+	for _, k := range d.keys {
+		h.limits.dedupe.AddKey(k)
 	}
 }

@@ -17,7 +17,7 @@ import (
 // a kfake broker in the same process; every message counts only once its
 // PUBACK arrived (so once Kafka has it). Reports msgs/s and samples/s.
 func BenchmarkMQTTIngest(b *testing.B) {
-	const clients, perMsg = 64, 3
+	const clients, perMsg = 256, 3
 	broker := testenv.Kafka(b)
 	cfg := testConfig(b, broker)
 	e := start(b, cfg, false)

@@ -27,18 +27,19 @@ import (
 // Option configures a Service.
 type Option func(*Service)
 
-// WithLimiter slows each MQTT client (key: its client id) to what lim
-// allows, by delaying its PUBACK and its next read, instead of dropping.
-func WithLimiter(lim Limiter) Option { return func(s *Service) { s.limiter = lim } }
+// WithResolver makes samples that name a device but no patient take the
+// patient bound to the device (ingest/binding.Store), as on HTTP; without
+// it the patient is required.
+func WithResolver(r httpjson.Resolver) Option { return func(s *Service) { s.resolver = r } }
 
 // Service is the MQTT ingest stage: the embedded broker (mqtt.embedded) and
 // the external subscription (mqtt.external), whichever are configured. Its
 // methods are safe for concurrent use; Close is idempotent.
 type Service struct {
-	cfg     config.MQTT
-	deps    stage.Deps
-	in      *ingester
-	limiter Limiter
+	cfg      config.MQTT
+	deps     stage.Deps
+	in       *ingester
+	resolver httpjson.Resolver
 
 	srv    *mochi.Server
 	tcp    *listeners.TCP
@@ -80,7 +81,7 @@ func New(cfg config.Config, deps stage.Deps, pub httpjson.Publisher, opts ...Opt
 	if err != nil {
 		return nil, err
 	}
-	s.in, err = newIngester(cfg, deps, pub, m, s.limiter)
+	s.in, err = newIngester(cfg, deps, pub, m, s.resolver)
 	if err != nil {
 		return nil, err
 	}
@@ -321,7 +322,7 @@ func (h *hook) OnPublish(cl *mochi.Client, pk packets.Packet) (packets.Packet, e
 	s.inflight.add()
 	s.pending.Store(cl, start)
 	origin := "mqtt://" + cl.ID + "@" + cl.Net.Remote + "/" + clipTopic(pk.TopicName)
-	r := s.in.handle(s.base, "embedded", pk.TopicName, pk.Payload, qos, origin, cl.ID, TopicRoot)
+	r := s.in.handle(s.base, "embedded", pk.TopicName, pk.Payload, qos, origin, TopicRoot)
 	switch r.verdict {
 	case refused:
 		if v5 && qos > 0 {

@@ -171,7 +171,7 @@ func (s *subscriber) one(ctx context.Context, d delivery) {
 	for {
 		// Kafka writes finish even when ctx ends: the produce timeout
 		// bounds them.
-		r := s.in.handle(context.WithoutCancel(ctx), "external", m.Topic(), m.Payload(), m.Qos(), origin, m.Topic(), "")
+		r := s.in.handle(context.WithoutCancel(ctx), "external", m.Topic(), m.Payload(), m.Qos(), origin, "")
 		if r.verdict != failed {
 			m.Ack()
 			if m.Qos() > 0 {
@@ -199,4 +199,3 @@ func (s *subscriber) close() {
 		c.Disconnect(0)
 	}
 }
-

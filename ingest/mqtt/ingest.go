@@ -28,13 +28,6 @@ const TopicRoot = "vigil"
 // ContentType is recorded on the dead letters of MQTT payloads.
 const ContentType = "application/json"
 
-// Limiter slows a source down; ingest/ratelimit provides one. Wait blocks
-// until key may send n more samples or ctx ends. It must be safe for
-// concurrent use.
-type Limiter interface {
-	Wait(ctx context.Context, key string, n int) error
-}
-
 // verdict is what became of one PUBLISH.
 type verdict int
 
@@ -71,7 +64,6 @@ type ingester struct {
 	log        *slog.Logger
 	clock      clock.Clock
 	maxPayload int
-	limiter    Limiter
 	m          *metrics
 }
 
@@ -108,12 +100,23 @@ func newMetrics(reg prometheus.Registerer) (*metrics, error) {
 	return m, nil
 }
 
-func newIngester(cfg config.Config, deps stage.Deps, pub httpjson.Publisher, m *metrics, lim Limiter) (*ingester, error) {
+// newIngester creates the JSON core with the rate limit and duplicate
+// filter of cfg.Ingest (metrics labelled "mqtt"): over its rate limit a
+// device is slowed down (its PUBACK and its next read wait), not refused.
+// resolver, when not nil, gives samples without a patient the patient bound
+// to their device.
+func newIngester(cfg config.Config, deps stage.Deps, pub httpjson.Publisher, m *metrics, resolver httpjson.Resolver) (*ingester, error) {
 	core, err := httpjson.NewCore(cfg, deps, pub)
 	if err != nil {
 		return nil, fmt.Errorf("creating mqtt ingest: %w", err)
 	}
-	return &ingester{core: core, pub: pub, log: deps.Log, clock: deps.Clock, maxPayload: cfg.MQTT.MaxPayloadBytes, limiter: lim, m: m}, nil
+	if err := core.UseLimits(cfg.Ingest, deps, "mqtt"); err != nil {
+		return nil, fmt.Errorf("creating mqtt ingest: %w", err)
+	}
+	if resolver != nil {
+		core.SetResolver(resolver)
+	}
+	return &ingester{core: core, pub: pub, log: deps.Log, clock: deps.Clock, maxPayload: cfg.MQTT.MaxPayloadBytes, m: m}, nil
 }
 
 // parseTopic splits <root>/<tenant>/<device>/samples; root "" accepts any
@@ -133,16 +136,11 @@ var qosLabels = [3]string{"0", "1", "2"}
 // handle ingests one PUBLISH of topic (already known to be an ingest topic
 // or under TopicRoot) and blocks until Kafka acknowledged what it produced
 // (or failed). payload is only read, until handle returns. origin names the
-// sender for dead letters; key is the rate-limit key.
-func (in *ingester) handle(ctx context.Context, mode, topic string, payload []byte, qos byte, origin, key, root string) result {
+// sender for dead letters.
+func (in *ingester) handle(ctx context.Context, mode, topic string, payload []byte, qos byte, origin, root string) result {
 	ql := qosLabels[min(qos, 2)]
 	in.m.received.WithLabelValues(mode, ql).Inc()
 	r := in.process(ctx, topic, payload, origin, root)
-	if in.limiter != nil && r.samples > 0 && r.verdict != failed {
-		if err := in.limiter.Wait(ctx, key, r.samples); err != nil && ctx.Err() == nil {
-			in.log.Debug("mqtt rate limit wait", "client", key, "err", err)
-		}
-	}
 	label := "accepted"
 	switch r.verdict {
 	case refused:

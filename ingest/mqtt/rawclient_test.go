@@ -86,6 +86,7 @@ func (c *rawClient) read(limit time.Duration) (packets.Packet, error) {
 		}
 		mul *= 128
 	}
+	pk.FixedHeader.Remaining = n
 	body := make([]byte, n)
 	if _, err := io.ReadFull(c.rd, body); err != nil {
 		return pk, err

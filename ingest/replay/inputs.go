@@ -26,6 +26,7 @@ import (
 const (
 	contentTypePSV       = "text/x-psv"
 	contentTypeRecording = "application/json"
+	contentTypeWFDB      = "application/x-wfdb"
 )
 
 // counting counts the bytes read through it into n.
@@ -66,8 +67,17 @@ func inputSize(p string) int64 {
 	return n
 }
 
+// errEnough stops reading inputs once Options.MaxFiles files were read.
+var errEnough = errors.New("replay: max files reached")
+
+// enough reports whether Options.MaxFiles files were read.
+func (rn *run) enough() bool {
+	return rn.opts.MaxFiles > 0 && rn.st.files.Load() >= rn.opts.MaxFiles
+}
+
 // input replays one command-line input: a folder (its files in lexical
 // order, recursively), a tarball (its entries in archive order), or a file.
+// It returns errEnough when Options.MaxFiles is reached.
 func (rn *run) input(p string) error {
 	fi, err := os.Stat(p)
 	if err != nil {
@@ -90,6 +100,9 @@ func (rn *run) input(p string) error {
 // file replays one file on disk. WFDB signal files (.dat) and annotations
 // are read through their header (.hea), so they are not inputs themselves.
 func (rn *run) file(p string) error {
+	if rn.enough() {
+		return errEnough
+	}
 	name := filepath.Base(p)
 	switch {
 	case strings.HasSuffix(name, ".dat") || strings.HasSuffix(name, ".atr") || strings.HasSuffix(name, ".xws"):
@@ -132,6 +145,9 @@ func (rn *run) tarball(p string, r io.Reader) error {
 		}
 		if h.Typeflag != tar.TypeReg {
 			continue
+		}
+		if rn.enough() {
+			return errEnough
 		}
 		if strings.HasSuffix(h.Name, ".hea") {
 			// A record's signal file is another entry; WFDB records

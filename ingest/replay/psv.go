@@ -54,11 +54,11 @@ func PSVVitals() []PSVVital {
 type psvKind uint8
 
 const (
-	psvOther   psvKind = iota // demographics, labels: neither sent nor counted
-	psvVital                  // mapped onto a metric
-	psvUnmapped               // a vital sign with no catalogue metric (EtCO2)
-	psvLab                    // a laboratory value: skipped, counted
-	psvICULOS                 // hours since ICU admission (the time axis)
+	psvOther    psvKind = iota // demographics, labels: neither sent nor counted
+	psvVital                   // mapped onto a metric
+	psvUnmapped                // a vital sign with no catalogue metric (EtCO2)
+	psvLab                     // a laboratory value: skipped, counted
+	psvICULOS                  // hours since ICU admission (the time axis)
 )
 
 // psvColumnKind returns the kind of a challenge column name that is not a

@@ -41,11 +41,13 @@ package replay
 
 import (
 	"context"
+	"encoding/json"
 	"errors"
 	"fmt"
 	"hash/fnv"
 	"io"
 	"log/slog"
+	"math"
 	"net/http"
 	"strings"
 	"sync"
@@ -92,8 +94,16 @@ type Options struct {
 	// ChunkSeconds is the length of the waveform chunks of a WFDB record
 	// (default 10 s).
 	ChunkSeconds float64
-	// Waveform receives WFDB chunks (in process); nil refuses WFDB input.
+	// Waveform receives WFDB chunks. In process, nil makes New create a
+	// waveform.Processor publishing through the replay's publisher (limits
+	// from cfg.Waveform); with Target, chunks are posted to the target's
+	// POST /v1/waveforms instead and Waveform is ignored.
 	Waveform waveform.Sink
+	// MaxFiles stops the replay after this many input files (PSV files,
+	// recordings, WFDB records; a tarball's entries count one each), so
+	// that a subset of a large archive can be played without unpacking
+	// it; 0 replays everything.
+	MaxFiles int64
 	// Progress, when set, receives a progress bar (see NewProgress).
 	Progress *Progress
 }
@@ -120,8 +130,11 @@ func (o *Options) defaults() error {
 	if o.ChunkSeconds <= 0 {
 		o.ChunkSeconds = 10
 	}
-	if o.Speed < 0 {
-		return errors.New("replay speed must not be negative")
+	if o.Speed < 0 || math.IsNaN(o.Speed) || math.IsInf(o.Speed, 0) {
+		return errors.New("replay speed must be a finite number ≥ 0")
+	}
+	if o.MaxFiles < 0 {
+		return errors.New("replay max files must not be negative")
 	}
 	if rf := validate.CheckIDs(o.Tenant, "x", "x"); rf != nil {
 		return fmt.Errorf("replay tenant: %w", rf)
@@ -154,16 +167,19 @@ type Stats struct {
 	Skipped int64
 	// Bytes of input read (compressed, as stored).
 	Bytes int64
+	// SkippedSignals are WFDB signals that are not an ECG (their unit is
+	// not a voltage): not replayed.
+	SkippedSignals int64
 }
 
 type stats struct {
-	files, rows, samples, refused, batches, labs, unmapped, skipped, bytes atomic.Int64
+	files, rows, samples, refused, batches, labs, unmapped, skipped, bytes, skippedSignals atomic.Int64
 }
 
 func (s *stats) snapshot() Stats {
 	return Stats{Files: s.files.Load(), Rows: s.rows.Load(), Samples: s.samples.Load(), Refused: s.refused.Load(),
 		Batches: s.batches.Load(), Labs: s.labs.Load(), Unmapped: s.unmapped.Load(), Skipped: s.skipped.Load(),
-		Bytes: s.bytes.Load()}
+		Bytes: s.bytes.Load(), SkippedSignals: s.skippedSignals.Load()}
 }
 
 // Publisher is what the replayer needs from publish.Publisher.
@@ -182,8 +198,13 @@ type Replayer struct {
 	// own is the publisher New created (closed by Close).
 	own    *publish.Publisher
 	client *http.Client
-	url    string
-	st     stats
+	// url and waveURL are the target's POST /v1/samples and
+	// POST /v1/waveforms.
+	url, waveURL string
+	// maxChunk bounds the values of one waveform chunk
+	// (waveform.max_chunk_samples).
+	maxChunk int
+	st       stats
 
 	closeOnce sync.Once
 	closeErr  error
@@ -200,9 +221,11 @@ func New(cfg config.Config, deps stage.Deps, opts Options, pub Publisher) (*Repl
 	if err != nil {
 		return nil, fmt.Errorf("creating replayer: %w", err)
 	}
-	r := &Replayer{opts: opts, log: deps.Log, clock: deps.Clock, val: validate.New(cat, validate.LimitsFrom(cfg.Ingest)), pub: pub}
+	r := &Replayer{opts: opts, log: deps.Log, clock: deps.Clock, val: validate.New(cat, validate.LimitsFrom(cfg.Ingest)), pub: pub,
+		maxChunk: max(cfg.Waveform.MaxChunkSamples, 1)}
 	if opts.Target != "" {
 		r.url = strings.TrimRight(opts.Target, "/") + httpjson.Path
+		r.waveURL = strings.TrimRight(opts.Target, "/") + waveform.Path
 		r.client = &http.Client{Timeout: cfg.Kafka.ProduceTimeout + 30*time.Second,
 			Transport: &http.Transport{MaxIdleConnsPerHost: opts.Lanes, IdleConnTimeout: 30 * time.Second}}
 		return r, nil
@@ -213,6 +236,17 @@ func New(cfg config.Config, deps stage.Deps, opts Options, pub Publisher) (*Repl
 			return nil, fmt.Errorf("creating replayer: %w", err)
 		}
 		r.own, r.pub = p, p
+	}
+	if r.opts.Waveform == nil {
+		proc, err := waveform.NewProcessor(r.pub, waveform.Options{MaxChannels: cfg.Waveform.MaxChannels,
+			MaxChunkSamples: cfg.Waveform.MaxChunkSamples}, deps)
+		if err != nil {
+			if r.own != nil {
+				_ = r.own.Close(context.Background())
+			}
+			return nil, fmt.Errorf("creating replayer: %w", err)
+		}
+		r.opts.Waveform = proc
 	}
 	return r, nil
 }
@@ -268,8 +302,10 @@ type unit struct {
 type flight struct {
 	batches []*vigilv1.SampleBatch
 	letters []*vigilv1.DeadLetter
-	// body is an HTTP request body (target mode), carrying samples.
+	// body is an HTTP request body (target mode), carrying samples, to
+	// be posted to url (the samples endpoint when empty).
 	body    []byte
+	url     string
 	samples int
 	bytes   int
 }
@@ -316,6 +352,9 @@ func (r *Replayer) Run(ctx context.Context, inputs []string) (Stats, error) {
 	var err error
 	for _, in := range inputs {
 		if err = rn.input(in); err != nil {
+			if errors.Is(err, errEnough) {
+				err = nil
+			}
 			break
 		}
 	}
@@ -583,18 +622,78 @@ func (rn *run) wholeLetter(u *unit, now int64) *vigilv1.DeadLetter {
 		RefusedTimeMs: now, Tenant: u.tenant, Patient: u.patient, Device: u.device, MessageId: u.msgID, ContentType: u.contentType}
 }
 
-// emitChunk hands a waveform chunk to the waveform sink, after what is
-// pending, so that the order of the input is kept.
+// emitChunk hands a waveform chunk to the waveform sink (in process) or
+// queues it for the target's POST /v1/waveforms, after what is pending, so
+// that the order of the input is kept. In process, a chunk the processor
+// refuses for its content becomes a dead letter (its values counted as
+// refused); a retriable publishing failure is retried like a flight (the
+// processor rolled its detector back, so the retry continues exactly).
 func (rn *run) emitChunk(u *unit) error {
-	if rn.opts.Waveform == nil {
-		return fmt.Errorf("replaying %s: waveform input needs the in-process waveform processor", u.origin)
-	}
 	if err := rn.flushAll(); err != nil {
 		return err
 	}
-	if err := rn.opts.Waveform.Chunk(rn.ctx, u.chunk); err != nil {
-		return fmt.Errorf("replaying waveform chunk %s: %w", u.origin, err)
+	c := u.chunk
+	if rn.url != "" {
+		return rn.queueChunkHTTP(u)
 	}
-	rn.st.samples.Add(int64(len(u.chunk.Values)))
-	return nil
+	backoff := 200 * time.Millisecond
+	for attempt := 1; ; attempt++ {
+		err := rn.opts.Waveform.Chunk(rn.ctx, c)
+		var ce *waveform.ChunkError
+		switch {
+		case err == nil:
+			rn.st.samples.Add(int64(len(c.Values)))
+			return nil
+		case errors.As(err, &ce):
+			rn.st.refused.Add(int64(len(c.Values)))
+			dl := &vigilv1.DeadLetter{SchemaVersion: publish.SchemaVersion, Reason: string(ce.Reason), Message: ce.Message,
+				Source: vigilv1.Source_SOURCE_REPLAY, Origin: u.origin, Field: ce.Field, RawSize: uint64(len(c.Values)),
+				RefusedTimeMs: rn.clock.Now().UnixMilli(), Tenant: c.Tenant, Patient: c.Patient, Device: c.Device,
+				MessageId: c.MessageID, ContentType: contentTypeWFDB}
+			if err := rn.queueLetter(rn.laneOf(c.Tenant, c.Patient), dl); err != nil {
+				return err
+			}
+			return rn.dispatch(rn.laneOf(c.Tenant, c.Patient))
+		case !publish.IsRetriable(err) || attempt == 5 || rn.ctx.Err() != nil:
+			return fmt.Errorf("replaying waveform chunk %s: %w", u.origin, err)
+		}
+		rn.log.Warn("replay: waveform chunk failed; retrying", "attempt", attempt, "err", err)
+		select {
+		case <-rn.ctx.Done():
+			return rn.stopped()
+		case <-time.After(backoff):
+		}
+		backoff *= 2
+	}
+}
+
+// queueChunkHTTP queues a chunk as a POST /v1/waveforms body on its
+// patient's lane, so that one channel's chunks arrive in order. Invalid
+// (NaN) values repeat the last valid one, as the detector does in process:
+// JSON has no NaN.
+func (rn *run) queueChunkHTTP(u *unit) error {
+	c := u.chunk
+	last := 0.0
+	for i, v := range c.Values {
+		if math.IsNaN(v) || math.IsInf(v, 0) {
+			c.Values[i] = last
+		} else {
+			last = v
+		}
+	}
+	body, err := json.Marshal(waveform.Request{Tenant: c.Tenant, Patient: c.Patient, Device: c.Device, Channel: c.Channel,
+		Metric: c.Metric, Unit: c.Unit, RateHz: c.RateHz, StartMs: c.StartMs, MessageID: c.MessageID, Values: c.Values})
+	if err != nil {
+		return fmt.Errorf("encoding waveform chunk %s: %w", u.origin, err)
+	}
+	if err := rn.sem.Acquire(rn.ctx, int64(len(body))); err != nil {
+		return rn.stopped()
+	}
+	select {
+	case rn.lanes[rn.laneOf(c.Tenant, c.Patient)] <- &flight{body: body, url: rn.waveURL, samples: len(c.Values), bytes: len(body)}:
+		return nil
+	case <-rn.ctx.Done():
+		rn.sem.Release(int64(len(body)))
+		return rn.stopped()
+	}
 }

@@ -92,7 +92,11 @@ func (rn *run) post(f *flight) error {
 	backoff := 100 * time.Millisecond
 	deadline := time.Now().Add(time.Minute)
 	for {
-		code, out, err := rn.postOnce(rn.ctx, f.body)
+		url := rn.url
+		if f.url != "" {
+			url = f.url
+		}
+		code, out, err := rn.postOnce(rn.ctx, url, f.body)
 		switch {
 		case err == nil && code == http.StatusOK:
 			rn.st.samples.Add(int64(f.samples))
@@ -115,7 +119,7 @@ func (rn *run) post(f *flight) error {
 			if err == nil {
 				err = fmt.Errorf("status %d: %s", code, clip(out))
 			}
-			return fmt.Errorf("posting to %s: %w", rn.url, err)
+			return fmt.Errorf("posting to %s: %w", url, err)
 		}
 		rn.log.Warn("replay: target unavailable; retrying", "status", code, "err", err)
 		select {
@@ -127,15 +131,15 @@ func (rn *run) post(f *flight) error {
 	}
 }
 
-func (rn *run) postOnce(ctx context.Context, body []byte) (int, []byte, error) {
-	req, err := http.NewRequestWithContext(ctx, http.MethodPost, rn.url, bytes.NewReader(body))
+func (rn *run) postOnce(ctx context.Context, url string, body []byte) (int, []byte, error) {
+	req, err := http.NewRequestWithContext(ctx, http.MethodPost, url, bytes.NewReader(body))
 	if err != nil {
 		return 0, nil, fmt.Errorf("building request: %w", err)
 	}
 	req.Header.Set("Content-Type", "application/json")
 	resp, err := rn.client.Do(req)
 	if err != nil {
-		return 0, nil, fmt.Errorf("posting samples: %w", err)
+		return 0, nil, fmt.Errorf("posting to the target: %w", err)
 	}
 	defer resp.Body.Close()
 	out, err := io.ReadAll(io.LimitReader(resp.Body, 1<<20))

@@ -61,7 +61,14 @@ type Result struct {
 	// (first chunk, gap, overlap or rate change) and the detector
 	// restarted.
 	Reset bool
+	// Secondary reports that the chunk's channel is not its device's RR
+	// channel: it was accepted but not analysed (see Processor).
+	Secondary bool
 }
+
+// TakeoverMs is how long (event time) a device's RR channel may be silent
+// before a chunk of another of its channels takes its place.
+const TakeoverMs = 10_000
 
 // Options configure a Processor.
 type Options struct {
@@ -76,6 +83,15 @@ type Options struct {
 // consecutive R peaks as rr_interval samples (unit ms, QUALITY_DERIVED,
 // source code "derived:ecg", event time = the second peak's time, sequence =
 // the peak's index on its channel, channel = the waveform's channel).
+//
+// One RR series per device: every lead of a device sees the same beats, and
+// the window engine computes HRV over a patient's rr_interval samples in
+// event-time order, so two leads' intervals interleaved would make it
+// meaningless. The first channel of a (tenant, device) that sends a chunk
+// is its RR channel; chunks of its other channels are accepted and counted
+// (vigil_waveform_secondary_samples_total) but not analysed, until the RR
+// channel has been silent for TakeoverMs of event time, when the next
+// channel that sends takes over (logged).
 //
 // Chunks of one channel are processed one at a time in arrival order; chunks
 // of different channels run concurrently. A chunk whose StartMs does not
@@ -100,6 +116,10 @@ type Processor struct {
 	mu    sync.Mutex
 	lru   *list.List // of *channel, most recent first
 	byKey map[chanKey]*list.Element
+	// devLRU and byDev hold each device's RR channel (at most
+	// MaxChannels devices, least recently used evicted).
+	devLRU *list.List // of *device, most recent first
+	byDev  map[devKey]*list.Element
 
 	chunks        *prometheus.CounterVec
 	samples       prometheus.Counter
@@ -108,9 +128,20 @@ type Processor struct {
 	discontinuity prometheus.Counter
 	evictions     prometheus.Counter
 	channels      prometheus.Gauge
+	secondary     prometheus.Counter
 }
 
 type chanKey struct{ tenant, device, channel string }
+
+type devKey struct{ tenant, device string }
+
+// device is the RR channel of one (tenant, device) and the event time
+// (ms) at which its last chunk ended.
+type device struct {
+	key     devKey
+	channel string
+	endMs   int64
+}
 
 // channel is the detector state of one (tenant, device, channel).
 type channel struct {
@@ -143,9 +174,10 @@ func NewProcessor(pub Publisher, opts Options, deps stage.Deps) (*Processor, err
 	deps = deps.WithDefaults()
 	p := &Processor{
 		pub: pub, log: deps.Log, opts: opts, lru: list.New(), byKey: map[chanKey]*list.Element{},
+		devLRU: list.New(), byDev: map[devKey]*list.Element{},
 		chunks: prometheus.NewCounterVec(prometheus.CounterOpts{
 			Name: "vigil_waveform_chunks_total",
-			Help: "Waveform chunks processed, by result (ok, refused, failed).",
+			Help: "Waveform chunks processed, by result (ok, secondary, refused, failed).",
 		}, []string{"result"}),
 		samples: prometheus.NewCounter(prometheus.CounterOpts{
 			Name: "vigil_waveform_samples_total", Help: "Waveform values taken by the R-peak detectors.",
@@ -168,9 +200,13 @@ func NewProcessor(pub Publisher, opts Options, deps stage.Deps) (*Processor, err
 		channels: prometheus.NewGauge(prometheus.GaugeOpts{
 			Name: "vigil_waveform_channels", Help: "Channel detector states held.",
 		}),
+		secondary: prometheus.NewCounter(prometheus.CounterOpts{
+			Name: "vigil_waveform_secondary_samples_total",
+			Help: "Waveform values of a device's other channels (not its RR channel): accepted, not analysed.",
+		}),
 	}
 	if err := stage.Register(deps.Metrics, "waveform metrics", p.chunks, p.samples, p.rr, p.rrDropped,
-		p.discontinuity, p.evictions, p.channels); err != nil {
+		p.discontinuity, p.evictions, p.channels, p.secondary); err != nil {
 		return nil, err
 	}
 	return p, nil
@@ -182,8 +218,9 @@ func (p *Processor) Chunk(ctx context.Context, c *Chunk) error {
 	return err
 }
 
-// unitScale converts an ECG unit to mV.
-func unitScale(unit string) (float64, bool) {
+// ECGUnitScale returns the factor that converts values in unit to mV, and
+// whether unit is one the processor takes (mV, uV, µV, [uV], V; "" is mV).
+func ECGUnitScale(unit string) (float64, bool) {
 	switch unit {
 	case "mV", "":
 		return 1, true
@@ -209,7 +246,7 @@ func (p *Processor) check(c *Chunk) (float64, *ChunkError) {
 	if c.Metric != "ecg" {
 		return bad(validate.UnknownMetric, "metric", "%q: only \"ecg\" waveforms are processed", c.Metric)
 	}
-	scale, ok := unitScale(c.Unit)
+	scale, ok := ECGUnitScale(c.Unit)
 	if !ok {
 		return bad(validate.UnitNotConvertible, "unit", "%q: send mV (or uV, V)", c.Unit)
 	}
@@ -234,6 +271,12 @@ func (p *Processor) Process(ctx context.Context, c *Chunk) (Result, error) {
 	if cerr != nil {
 		p.chunks.WithLabelValues("refused").Inc()
 		return Result{}, cerr
+	}
+	endMs := c.StartMs + int64(math.Round(float64(len(c.Values))*1000/c.RateHz))
+	if !p.rrChannel(c, endMs) {
+		p.chunks.WithLabelValues("secondary").Inc()
+		p.secondary.Add(float64(len(c.Values)))
+		return Result{Samples: len(c.Values), Secondary: true}, nil
 	}
 	ch := p.channel(chanKey{c.Tenant, c.Device, c.Channel}, c.RateHz)
 	ch.mu.Lock()
@@ -321,6 +364,38 @@ func (p *Processor) Process(ctx context.Context, c *Chunk) (Result, error) {
 	p.samples.Add(float64(res.Samples))
 	p.rr.Add(float64(res.RRIntervals))
 	return res, nil
+}
+
+// rrChannel reports whether c's channel is its device's RR channel (taking
+// the place when the device has none, or its RR channel was silent for
+// TakeoverMs), and records endMs as the device's latest chunk end.
+func (p *Processor) rrChannel(c *Chunk, endMs int64) bool {
+	k := devKey{c.Tenant, c.Device}
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	e, ok := p.byDev[k]
+	if !ok {
+		e = p.devLRU.PushFront(&device{key: k, channel: c.Channel, endMs: endMs})
+		p.byDev[k] = e
+		for p.devLRU.Len() > p.opts.MaxChannels {
+			old := p.devLRU.Back()
+			p.devLRU.Remove(old)
+			delete(p.byDev, old.Value.(*device).key)
+		}
+		return true
+	}
+	p.devLRU.MoveToFront(e)
+	d := e.Value.(*device)
+	if d.channel != c.Channel {
+		if c.StartMs-d.endMs <= TakeoverMs {
+			return false
+		}
+		p.log.Info("waveform RR channel taken over", "tenant", c.Tenant, "device", c.Device, "from", d.channel,
+			"to", c.Channel, "silent_ms", c.StartMs-d.endMs)
+		d.channel = c.Channel
+	}
+	d.endMs = max(d.endMs, endMs)
+	return true
 }
 
 // channel returns the state of k, creating it (and evicting the least

@@ -304,3 +304,59 @@ func TestConcurrentChannels(t *testing.T) {
 		t.Fatal("no samples")
 	}
 }
+
+// TestOneRRChannelPerDevice sends two leads of one device: only the first
+// lead's RR intervals are published (the second is accepted, counted, not
+// analysed); after the first lead has been silent for more than
+// TakeoverMs, the second takes over.
+func TestOneRRChannelPerDevice(t *testing.T) {
+	r := load100(t)
+	x := r.mlii[:360*60]
+	var pub recorder
+	p, reg := newProc(t, &pub, 10)
+	lead := func(name string, start int64, v []float64) *Chunk {
+		c := chunk("bed-1", start, v)
+		c.Channel = name
+		return c
+	}
+	for off := 0; off < len(x); off += 3600 {
+		for _, name := range []string{"MLII", "V5"} {
+			res, err := p.Process(context.Background(), lead(name, t0+int64(off)*1000/360, x[off:off+3600]))
+			if err != nil {
+				t.Fatal(err)
+			}
+			if res.Secondary != (name == "V5") || res.Samples != 3600 {
+				t.Fatalf("%s at %d: %+v", name, off, res)
+			}
+		}
+	}
+	channels := map[string]int{}
+	for _, s := range pub.samples() {
+		channels[s.Channel]++
+	}
+	if channels["MLII"] < 60 || channels["V5"] != 0 {
+		t.Fatalf("rr samples per channel %v: want MLII only", channels)
+	}
+	if got := testutil.ToFloat64(p.secondary); got != float64(len(x)) {
+		t.Errorf("secondary samples %v, want %d", got, len(x))
+	}
+	// MLII stops; V5 goes on. Within TakeoverMs V5 stays secondary, then
+	// takes over and its intervals are published.
+	end := t0 + int64(len(x))*1000/360
+	res, err := p.Process(context.Background(), lead("V5", end+TakeoverMs-1000, x[:3600]))
+	if err != nil || !res.Secondary {
+		t.Fatalf("V5 inside the takeover time: %+v %v", res, err)
+	}
+	var rr int
+	for k := 0; k < 6; k++ {
+		res, err := p.Process(context.Background(), lead("V5", end+TakeoverMs+1+int64(k)*10_000, x[k*3600:(k+1)*3600]))
+		if err != nil || res.Secondary {
+			t.Fatalf("V5 after the takeover time: %+v %v", res, err)
+		}
+		rr += res.RRIntervals
+	}
+	if rr < 40 {
+		t.Errorf("V5 published %d rr intervals after taking over", rr)
+	}
+	_ = reg
+}

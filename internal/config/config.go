@@ -200,6 +200,12 @@ type Stream struct {
 	// MaxPollRecords bounds the input records taken into one poll (and
 	// so the work between two checks of the commit deadline).
 	MaxPollRecords int `yaml:"max_poll_records"`
+	// CheckpointInterval is how long (processing time) a patient's state
+	// may hold changes not yet written to the changelog. A restore reads
+	// the input again from the oldest unwritten change: about this much
+	// input per partition. 0 writes every changed state in each
+	// transaction.
+	CheckpointInterval time.Duration `yaml:"checkpoint_interval"`
 	// StaticMembership joins the consumer group as a static member
 	// (KIP-345, group instance id = the transactional id): a restarted or
 	// crashed instance gets its partitions back at once, without waiting
@@ -324,13 +330,14 @@ func Default() Config {
 			RateLimit:          defaultRateLimit(),
 		},
 		Stream: Stream{
-			Group:            "vigil-stream",
-			Window:           time.Minute,
-			OutOfOrderness:   5 * time.Second,
-			CommitInterval:   50 * time.Millisecond,
-			Staleness:        time.Hour,
-			MaxPollRecords:   10000,
-			StaticMembership: true,
+			Group:              "vigil-stream",
+			Window:             time.Minute,
+			OutOfOrderness:     5 * time.Second,
+			CommitInterval:     50 * time.Millisecond,
+			Staleness:          time.Hour,
+			MaxPollRecords:     10000,
+			CheckpointInterval: 5 * time.Second,
+			StaticMembership:   true,
 		},
 		Sink: Sink{
 			Group:         "vigil-sink",
@@ -617,6 +624,9 @@ func (c *Config) Validate() error {
 	}
 	if c.Stream.MaxPollRecords < 1 {
 		bad("stream.max_poll_records", "must be at least 1, got %d", c.Stream.MaxPollRecords)
+	}
+	if c.Stream.CheckpointInterval < 0 {
+		bad("stream.checkpoint_interval", "must not be negative (0 writes every changed state in each transaction), got %s", c.Stream.CheckpointInterval)
 	}
 	if c.Sink.Group == "" || c.Sink.Group == c.Stream.Group {
 		bad("sink.group", "must be set and differ from stream.group")

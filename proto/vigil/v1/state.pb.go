@@ -398,7 +398,14 @@ type PatientState struct {
 	// Versions of closed windows already corrected by late samples.
 	Corrections []*WindowCorrection `protobuf:"bytes,16,rep,name=corrections,proto3" json:"corrections,omitempty"`
 	// Set when the patient's state was written by features/window panes.
-	Panes         bool `protobuf:"varint,17,opt,name=panes,proto3" json:"panes,omitempty"`
+	Panes bool `protobuf:"varint,17,opt,name=panes,proto3" json:"panes,omitempty"`
+	// The input offset (of the patient's samples partition) through which
+	// this state has applied input: on restore, input records at or below it
+	// are not applied to the patient again. On the per-partition checkpoint
+	// record (key "\x00checkpoint", no tenant or patient) every input record
+	// at or below it is reflected in the partition's written states, so the
+	// replay of a restore starts after it.
+	AppliedOffset int64 `protobuf:"varint,18,opt,name=applied_offset,json=appliedOffset,proto3" json:"applied_offset,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -550,6 +557,13 @@ func (x *PatientState) GetPanes() bool {
 		return x.Panes
 	}
 	return false
+}
+
+func (x *PatientState) GetAppliedOffset() int64 {
+	if x != nil {
+		return x.AppliedOffset
+	}
+	return 0
 }
 
 // WindowPane is the aggregate of one metric over one pane (the greatest
@@ -1048,7 +1062,7 @@ const file_vigil_v1_state_proto_rawDesc = "" +
 	"\x05value\x18\x02 \x01(\x01R\x05value\x12\x12\n" +
 	"\x04unit\x18\x03 \x01(\tR\x04unit\x12\"\n" +
 	"\revent_time_ms\x18\x04 \x01(\x03R\veventTimeMs\x12$\n" +
-	"\x0eingest_time_ms\x18\x05 \x01(\x03R\fingestTimeMs\"\xa8\a\n" +
+	"\x0eingest_time_ms\x18\x05 \x01(\x03R\fingestTimeMs\"\xcf\a\n" +
 	"\fPatientState\x12%\n" +
 	"\x0eschema_version\x18\x01 \x01(\rR\rschemaVersion\x12\x16\n" +
 	"\x06tenant\x18\x02 \x01(\tR\x06tenant\x12\x18\n" +
@@ -1070,7 +1084,8 @@ const file_vigil_v1_state_proto_rawDesc = "" +
 	"\fwatermark_ms\x18\x0e \x01(\x03R\vwatermarkMs\x12.\n" +
 	"\x06series\x18\x0f \x03(\v2\x16.vigil.v1.WindowSeriesR\x06series\x12<\n" +
 	"\vcorrections\x18\x10 \x03(\v2\x1a.vigil.v1.WindowCorrectionR\vcorrections\x12\x14\n" +
-	"\x05panes\x18\x11 \x01(\bR\x05panes\x1a=\n" +
+	"\x05panes\x18\x11 \x01(\bR\x05panes\x12%\n" +
+	"\x0eapplied_offset\x18\x12 \x01(\x03R\rappliedOffset\x1a=\n" +
 	"\x0fOpenAlertsEntry\x12\x10\n" +
 	"\x03key\x18\x01 \x01(\tR\x03key\x12\x14\n" +
 	"\x05value\x18\x02 \x01(\tR\x05value:\x028\x01\x1aN\n" +
