@@ -10,7 +10,7 @@ STATICCHECK_VERSION := v0.8.2
 # Packages whose tests exercise concurrency; run under -race in `make test`.
 RACE_PKGS := ./internal/... ./ingest/... ./stream/... ./sinks/... ./features/... ./detectors/... ./simulator/... ./cmd/...
 
-.PHONY: all deps tools generate build run test test-unit test-race bench lint vet fmt clean
+.PHONY: all deps tools generate build run test test-unit test-race bench fuzz lint vet fmt clean
 
 all: build
 
@@ -48,9 +48,29 @@ test-unit:
 test-race:
 	$(GO) test -count=1 -race -timeout 15m -short $(RACE_PKGS)
 
-## bench: benchmarks, whole-process where the issue asks for it.
+## bench: every benchmark (whole-process where the issue asks for it), one package at a time so they do not
+## share the cores; BENCH=<regex> picks benchmarks, PKG=<packages> limits the packages, BENCHTIME the time each runs.
+BENCH ?= .
+BENCHTIME ?= 2s
+PKG ?= ./...
 bench: deps
-	$(GO) test -run '^$$' -bench . -benchmem -timeout 30m ./...
+	$(GO) test -p 1 -count 1 -run '^$$' -bench '$(BENCH)' -benchtime $(BENCHTIME) -benchmem -timeout 14m $(PKG)
+
+## fuzz: every Go fuzz target of the repo (found by grep, so new ones are included), each for FUZZTIME;
+## FUZZ=<regex> picks targets by name, PKG=<packages> limits the packages. Stops at the first failure.
+FUZZ ?= .
+FUZZTIME ?= 30s
+fuzz:
+	@set -eo pipefail; n=0; \
+	for pkg in $$($(GO) list -e -f '{{.ImportPath}}={{.Dir}}' $(PKG)); do \
+	  dir=$${pkg#*=}; pkg=$${pkg%%=*}; \
+	  for f in $$(cat $$dir/*_test.go 2>/dev/null | grep -o '^func Fuzz[A-Za-z0-9_]*' | cut -c6- | sort -u); do \
+	    [[ $$f =~ $(FUZZ) ]] || continue; \
+	    echo "== $$pkg $$f ($(FUZZTIME))"; \
+	    $(GO) test -run '^$$' -fuzz "^$$f\$$" -fuzztime $(FUZZTIME) $$pkg; n=$$((n+1)); \
+	  done; \
+	done; \
+	echo "fuzz: $$n targets ran for $(FUZZTIME) each without a failure"
 
 vet:
 	$(GO) vet ./...

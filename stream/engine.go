@@ -8,31 +8,76 @@ import (
 	"strings"
 	"time"
 
+	"github.com/apache/arrow/go/v17/arrow/memory"
 	"google.golang.org/protobuf/proto"
 
 	"github.com/vigilhealth/vigil/detectors/alerting"
 	"github.com/vigilhealth/vigil/detectors/news2"
 	"github.com/vigilhealth/vigil/features/window"
 	"github.com/vigilhealth/vigil/internal/catalog"
+	"github.com/vigilhealth/vigil/internal/config"
 	vigilv1 "github.com/vigilhealth/vigil/proto/vigil/v1"
 )
 
-// noEvent is the max event time of a patient that has none yet.
-const noEvent = math.MinInt64
-
 // engine is the per-patient processing, free of Kafka: given a patient's
 // state and one input batch it updates the state and appends the outputs.
+// The event-time windows are features/window's (the spec of
+// stream.windows.spec); their features come out as Arrow record batches,
+// which the window-end NEWS2 score reads before they are encoded for the
+// features topic.
+//
 // It is deterministic: the same state and batch give the same state and
-// outputs, except the emitted/refused processing times. It holds no
-// mutable state of its own and is safe for concurrent use on different
-// patients.
+// outputs, except the emitted/refused processing times. Processing time
+// enters only through nowMs (the processor's clock): as the time a patient
+// was last seen, and in idle, which closes the windows of a patient silent
+// for stream.windows.idle_timeout. The engine holds no mutable state of
+// its own and is safe for concurrent use on different patients (each
+// caller passes its own outputs).
 type engine struct {
-	sizeMs    int64
-	oooMs     int64
+	win *window.Engine
+	// scoreWin is the spec's tumbling window of stream.window, at whose
+	// ends the window-end scores are taken; scoreMs its size.
+	scoreWin  string
+	scoreMs   int64
+	idleMs    int64
 	staleness time.Duration
 	ruleset   *news2.Ruleset
 	alerts    *alerting.Evaluator
 	catalog   *catalog.Catalog
+	// mem allocates the Arrow feature batches (the Go allocator; tests
+	// pass a checked one).
+	mem memory.Allocator
+}
+
+// newEngine compiles the window spec (cfg.Stream.Windows.Spec, or the
+// embedded one) against the catalogue.
+func newEngine(cfg config.Config, rs *news2.Ruleset, cat *catalog.Catalog, mem memory.Allocator) (*engine, error) {
+	spec, err := window.LoadSpec(cfg.Stream.Windows.Spec)
+	if err != nil {
+		return nil, fmt.Errorf("stream.windows.spec: %w", err)
+	}
+	w, err := window.Compile(spec, window.Options{OutOfOrderness: cfg.Stream.OutOfOrderness, AllowedLateness: cfg.Stream.Windows.AllowedLateness},
+		func(metric string) (window.MetricInfo, bool) {
+			m, ok := cat.Lookup(metric)
+			if !ok {
+				return window.MetricInfo{}, false
+			}
+			return window.MetricInfo{Unit: m.Unit, ExpectedInterval: time.Duration(m.ExpectedIntervalS * float64(time.Second))}, true
+		})
+	if err != nil {
+		return nil, fmt.Errorf("stream.windows.spec: %w", err)
+	}
+	e := &engine{win: w, scoreMs: cfg.Stream.Window.Milliseconds(), idleMs: cfg.Stream.Windows.IdleTimeout.Milliseconds(),
+		staleness: cfg.Stream.Staleness, ruleset: rs, alerts: alerting.New(alerting.NEWS2Rules()), catalog: cat, mem: mem}
+	for _, ws := range spec.Windows {
+		if ws.Kind == "tumbling" && ws.Size == cfg.Stream.Window {
+			e.scoreWin = ws.Name
+		}
+	}
+	if e.scoreWin == "" {
+		return nil, fmt.Errorf("stream.window: the window spec has no tumbling window of %s for the window-end scores", cfg.Stream.Window)
+	}
+	return e, nil
 }
 
 // value is the newest value of one metric.
@@ -46,32 +91,24 @@ type value struct {
 // patient is one patient's state, owned by the partition that owns the
 // patient's key.
 type patient struct {
-	key            string
-	tenant, id     string
-	maxEvent       int64
-	windows        *window.Set
-	latest         []value // one entry per metric, unordered
-	closed         []value // newest values among closed windows
-	alerts         alerting.State
-	lastScore      *vigilv1.Score
-	boundaryScores []int64
-	lastSeenMs     int64
+	key, tenant, id string
+	eng             *window.Engine
+	win             *window.Patient
+	latest          []value // one entry per metric, unordered
+	closed          []value // newest values among closed score windows
+	alerts          alerting.State
+	lastScore       *vigilv1.Score
+	boundaryScores  []int64
+	lastSeenMs      int64
 }
 
 func (e *engine) newPatient(key, tenant, id string) *patient {
-	return &patient{key: key, tenant: tenant, id: id, maxEvent: noEvent, windows: window.NewSet(time.Duration(e.sizeMs) * time.Millisecond)}
+	return &patient{key: key, tenant: tenant, id: id, eng: e.win, win: window.NewPatient()}
 }
 
 // empty reports whether the patient holds no state worth keeping.
 func (p *patient) empty() bool {
-	return p.windows.Len() == 0 && len(p.latest) == 0 && len(p.closed) == 0 && p.alerts.Empty() && p.lastScore == nil
-}
-
-func (p *patient) watermark(oooMs int64) int64 {
-	if p.maxEvent == noEvent {
-		return noEvent
-	}
-	return p.maxEvent - oooMs
+	return p.win.Empty() && len(p.latest) == 0 && len(p.closed) == 0 && p.alerts.Empty() && p.lastScore == nil
 }
 
 // setValue records v as the newest value of its metric unless a newer one
@@ -120,31 +157,50 @@ type output struct {
 	alert *vigilv1.AlertEvent
 }
 
-// outputs collects what one transaction produces; reused between
-// transactions.
+// outputs collects what the engine produces; reused between transactions.
+// It belongs to one goroutine. Its Arrow batch (the features of the
+// windows closed by one call, turned into a record and released within
+// that call) is allocated on first use from the engine's allocator and
+// kept for reuse: release frees it.
 type outputs struct {
 	list []output
-	// txn-local counts, added to the metrics on commit.
-	samples, late, invalid int
+	// counts since the last reset
+	samples, late, invalid, corrections int
+	batch                               *window.Batch
 }
 
 func (o *outputs) reset() {
 	clear(o.list)
 	o.list = o.list[:0]
-	o.samples, o.late, o.invalid = 0, 0, 0
+	o.samples, o.late, o.invalid, o.corrections = 0, 0, 0, 0
+}
+
+// release frees the Arrow batch. Idempotent.
+func (o *outputs) release() {
+	if o.batch != nil {
+		o.batch.Release()
+		o.batch = nil
+	}
+}
+
+func (o *outputs) features(e *engine) *window.Batch {
+	if o.batch == nil {
+		o.batch = window.NewBatch(e.mem)
+	}
+	return o.batch
 }
 
 // apply processes one input batch for patient p: samples into windows and
-// latest values (samples whose window already closed go to a "too_late"
-// dead letter), windows closed by the new watermark emitted as features and
-// window-end scores, and a score emitted when the batch changed it; every
-// emitted score runs the alert rules. It reports whether p changed.
+// latest values (a sample whose windows closed more than allowed_lateness
+// before the watermark goes to a "too_late" dead letter; one inside it
+// makes its closed windows come again as corrections), the windows the new
+// watermark closes emitted as features with their window-end scores, and
+// a score emitted when the batch changed it; every emitted score runs the
+// alert rules. It reports whether p changed.
 func (e *engine) apply(p *patient, b *vigilv1.SampleBatch, nowMs int64, out *outputs) bool {
-	wm := p.watermark(e.oooMs)
 	ingest := b.GetIngestTimeMs()
 	var late, invalid, unknown []int
 	accepted := 0
-	batchMax := int64(noEvent)
 	for i, s := range b.GetSamples() {
 		out.samples++
 		v, t := s.GetValue(), s.GetEventTimeMs()
@@ -158,29 +214,34 @@ func (e *engine) apply(p *patient, b *vigilv1.SampleBatch, nowMs int64, out *out
 			unknown = append(unknown, i)
 			continue
 		}
-		if p.maxEvent != noEvent && window.Start(t, e.sizeMs)+e.sizeMs <= wm {
-			late = append(late, i)
-			continue
+		if mi, windowed := e.win.Metric(m.ID); windowed {
+			switch e.win.Add(p.win, mi, t, v) {
+			case window.TooLate:
+				late = append(late, i)
+				continue
+			case window.OutOfRange:
+				invalid = append(invalid, i)
+				continue
+			}
+		} else {
+			e.win.Touch(p.win, t)
 		}
 		unit := s.GetUnit()
 		if unit == "" {
 			unit = m.Unit
 		}
-		p.windows.Add(m.ID, unit, t, v)
 		p.latest = setValue(p.latest, value{metric: m.ID, unit: unit, value: v, timeMs: t, ingestTimeMs: ingest})
-		batchMax = max(batchMax, t)
 		accepted++
 	}
 	if len(late) > 0 {
 		out.late += len(late)
 		out.list = append(out.list, output{kind: outDeadLetter, dl: deadLetter(b, late, "too_late",
-			fmt.Sprintf("%d sample(s) fall in windows already closed: the patient's watermark is %d (newest event time %d minus out_of_orderness %d ms)",
-				len(late), wm, p.maxEvent, e.oooMs), nowMs)})
+			fmt.Sprintf("%d sample(s) fall in windows closed more than allowed_lateness ago: the patient's watermark is %d", len(late), p.win.Watermark()), nowMs)})
 	}
 	if len(invalid) > 0 {
 		out.invalid += len(invalid)
 		out.list = append(out.list, output{kind: outDeadLetter, dl: deadLetter(b, invalid, "out_of_range",
-			fmt.Sprintf("%d sample(s) with a non-finite value", len(invalid)), nowMs)})
+			fmt.Sprintf("%d sample(s) with a non-finite value or one beyond the metric's range at its resolution", len(invalid)), nowMs)})
 	}
 	if len(unknown) > 0 {
 		out.invalid += len(unknown)
@@ -190,44 +251,115 @@ func (e *engine) apply(p *patient, b *vigilv1.SampleBatch, nowMs int64, out *out
 	if accepted == 0 {
 		return false
 	}
-	p.maxEvent = max(p.maxEvent, batchMax)
 	p.lastSeenMs = nowMs
 	tr := alerting.Trigger{IngestTimeMs: ingest, EmittedTimeMs: nowMs}
-	wm = p.watermark(e.oooMs)
-
-	p.windows.Close(wm, func(start, end int64, aggs []window.Agg) {
-		fw := &vigilv1.FeatureWindow{
-			SchemaVersion: 1, Tenant: p.tenant, Patient: p.id, Kind: vigilv1.WindowKind_WINDOW_KIND_TUMBLING,
-			SizeMs: e.sizeMs, StepMs: e.sizeMs, StartMs: start, EndMs: end, Version: 1,
-			Features: make([]*vigilv1.Feature, len(aggs)), EmittedTimeMs: nowMs, WatermarkMs: wm,
-		}
-		for i := range aggs {
-			a := &aggs[i]
-			var expected time.Duration
-			if m, ok := e.catalog.Lookup(a.Metric); ok {
-				expected = time.Duration(m.ExpectedIntervalS * float64(time.Second))
-			}
-			fw.Features[i] = a.Feature(expected)
-			p.closed = setValue(p.closed, value{metric: a.Metric, unit: a.Unit, value: a.Last, timeMs: a.LastTime})
-		}
-		out.list = append(out.list, output{kind: outFeatures, key: p.key, fw: fw})
-		if slices.Contains(p.boundaryScores, end) {
-			return // a change score at exactly this time was emitted already
-		}
-		if s := e.score(p, end, p.closed, nowMs); s != nil {
-			e.emitScore(p, s, tr, out)
-		}
-	})
+	e.win.Advance(p.win, out.features(e), p.tenant, p.id)
+	e.emit(p, nowMs, tr, out)
+	wm := p.win.Watermark()
 	p.boundaryScores = slices.DeleteFunc(p.boundaryScores, func(t int64) bool { return t <= wm })
 
-	if s := e.score(p, p.maxEvent, p.latest, nowMs); s != nil && news2.Changed(p.lastScore, s) {
+	maxEvent := p.win.MaxEventTime()
+	if s := e.score(p, maxEvent, p.latest, nowMs); s != nil && news2.Changed(p.lastScore, s) {
 		p.lastScore = s
-		if p.maxEvent%e.sizeMs == 0 {
-			p.boundaryScores = append(p.boundaryScores, p.maxEvent)
+		if maxEvent%e.scoreMs == 0 {
+			p.boundaryScores = append(p.boundaryScores, maxEvent)
 		}
 		e.emitScore(p, s, tr, out)
 	}
 	return true
+}
+
+// idleDue reports whether idle may change p at nowMs: it has windows or
+// window state and has sent nothing for stream.windows.idle_timeout.
+func (e *engine) idleDue(p *patient, nowMs int64) bool {
+	return e.idleMs > 0 && !p.win.Empty() && nowMs-p.lastSeenMs >= e.idleMs
+}
+
+// idle runs the idle timeout on p at processing time nowMs: when p has
+// sent nothing for stream.windows.idle_timeout, its open windows close
+// (features and window-end scores are emitted) and its watermark then
+// moves on with processing time, so that the state kept for late samples
+// goes once allowed_lateness has passed too. It reports whether p changed.
+func (e *engine) idle(p *patient, nowMs int64, out *outputs) bool {
+	if !e.idleDue(p, nowMs) {
+		return false
+	}
+	overdue := time.Duration(nowMs-p.lastSeenMs-e.idleMs) * time.Millisecond
+	if !e.win.Idle(p.win, out.features(e), p.tenant, p.id, overdue) {
+		return false
+	}
+	e.emit(p, nowMs, e.trigger(p, nowMs), out)
+	return true
+}
+
+// flush closes every open window of p (stream.windows.flush_on_shutdown)
+// and reports whether p changed.
+func (e *engine) flush(p *patient, nowMs int64, out *outputs) bool {
+	wm := p.win.Watermark()
+	e.win.Flush(p.win, out.features(e), p.tenant, p.id)
+	if p.win.Watermark() == wm {
+		return false
+	}
+	e.emit(p, nowMs, e.trigger(p, nowMs), out)
+	return true
+}
+
+// trigger is the alert trigger of scores made without an input batch: the
+// newest ingest time among the patient's values.
+func (e *engine) trigger(p *patient, nowMs int64) alerting.Trigger {
+	tr := alerting.Trigger{EmittedTimeMs: nowMs}
+	for _, v := range p.latest {
+		tr.IngestTimeMs = max(tr.IngestTimeMs, v.ingestTimeMs)
+	}
+	return tr
+}
+
+// emit turns the feature rows the window engine appended to out's batch
+// into an Arrow record and hands it on: the window-end score of every
+// first emission of a score window reads its values from the record's
+// columns, and each window goes to the features topic as a
+// FeatureWindow. The record is released before returning.
+func (e *engine) emit(p *patient, nowMs int64, tr alerting.Trigger, out *outputs) {
+	b := out.features(e)
+	if b.Len() == 0 {
+		return
+	}
+	rec := b.NewRecord()
+	defer rec.Release()
+	fws, err := window.ToProto(rec, nowMs)
+	if err != nil {
+		// The record is the engine's own: its schema is window.Schema.
+		panic(fmt.Sprintf("feature record: %v", err))
+	}
+	cols, _ := window.ColumnsOf(rec)
+	row := 0
+	for _, fw := range fws {
+		out.list = append(out.list, output{kind: outFeatures, key: p.key, fw: fw})
+		if fw.Version > 1 {
+			out.corrections++
+		}
+		n := len(fw.Features)
+		if fw.Window != e.scoreWin {
+			row += n
+			continue
+		}
+		for i := row; i < row+n; i++ {
+			if cols.DerivedMetric.Value(i) {
+				continue
+			}
+			p.closed = setValue(p.closed, value{metric: cols.Metric.Value(i), unit: cols.Unit.Value(i),
+				value: cols.Last.Value(i), timeMs: cols.LastTimeMs.Value(i)})
+		}
+		row += n
+		// A correction changes the window's features, not the score
+		// emitted at its end (it shares its deterministic id).
+		if fw.Version != 1 || slices.Contains(p.boundaryScores, fw.EndMs) {
+			continue // a change score at exactly this time was emitted already
+		}
+		if s := e.score(p, fw.EndMs, p.closed, nowMs); s != nil {
+			e.emitScore(p, s, tr, out)
+		}
+	}
 }
 
 func (e *engine) score(p *patient, atMs int64, vs []value, nowMs int64) *vigilv1.Score {
@@ -282,19 +414,22 @@ func encode(m proto.Message) ([]byte, error) {
 	return proto.MarshalOptions{Deterministic: true}.Marshal(m)
 }
 
+// stateSchema is the PatientState schema_version the engine writes: 2 is
+// the pane-based window state (series, watermark, corrections).
+const stateSchema = 2
+
 // toProto renders p as its changelog value.
 func (p *patient) toProto() *vigilv1.PatientState {
 	ps := &vigilv1.PatientState{
-		SchemaVersion:        1,
+		SchemaVersion:        stateSchema,
 		Tenant:               p.tenant,
 		Patient:              p.id,
-		MaxEventTimeMs:       p.maxEvent,
-		Windows:              p.windows.AppendProto(nil),
 		Latest:               valuesProto(p.latest),
 		ClosedLatest:         valuesProto(p.closed),
 		LastSeenMs:           p.lastSeenMs,
 		BoundaryScoreTimesMs: slices.Clone(p.boundaryScores),
 	}
+	p.eng.ToProto(p.win, ps)
 	p.alerts.ToProto(ps)
 	if p.lastScore != nil {
 		ps.LastScores = map[string]*vigilv1.Score{news2.Kind: p.lastScore}
@@ -314,10 +449,11 @@ func valuesProto(vs []value) []*vigilv1.LatestValue {
 // fromProto restores a patient from its changelog value.
 func (e *engine) fromProto(key string, ps *vigilv1.PatientState) (*patient, error) {
 	p := e.newPatient(key, ps.GetTenant(), ps.GetPatient())
-	p.maxEvent = ps.GetMaxEventTimeMs()
-	if err := p.windows.Restore(ps.GetWindows()); err != nil {
+	w, err := e.win.FromProto(ps)
+	if err != nil {
 		return nil, fmt.Errorf("restoring patient %s: %w", key, err)
 	}
+	p.win = w
 	p.latest = valuesFromProto(ps.GetLatest())
 	p.closed = valuesFromProto(ps.GetClosedLatest())
 	p.alerts = alerting.FromProto(ps)
@@ -333,4 +469,140 @@ func valuesFromProto(ls []*vigilv1.LatestValue) []value {
 		out[i] = value{metric: l.GetMetric(), unit: l.GetUnit(), value: l.GetValue(), timeMs: l.GetEventTimeMs(), ingestTimeMs: l.GetIngestTimeMs()}
 	}
 	return out
+}
+
+// windowTimers is the session's side of the idle timeout and of the flush
+// on shutdown (stream.windows.idle_timeout, flush_on_shutdown). Only the
+// session's loop uses it.
+type windowTimers struct {
+	// next is when the owned patients are next checked for idleness.
+	next time.Time
+	// flushed: the shutdown flush ran.
+	flushed bool
+	// w produces the outputs (its buffers are reused).
+	w *worker
+}
+
+// idleCheckEvery is how often (wall clock) the owned patients are checked
+// for the idle timeout: a quarter of it, between 50 ms and 1 s. Whether a
+// patient is idle is decided on the processor's clock.
+func (p *Processor) idleCheckEvery() time.Duration {
+	return min(max(p.cfg.Stream.Windows.IdleTimeout/4, 50*time.Millisecond), time.Second)
+}
+
+// idlePollDeadline returns when a poll between transactions must return
+// for the next idle check; false when idle timeouts are off.
+func (s *session) idlePollDeadline() (time.Time, bool) {
+	if s.p.cfg.Stream.Windows.IdleTimeout <= 0 {
+		return time.Time{}, false
+	}
+	if s.timers.next.IsZero() {
+		s.timers.next = time.Now().Add(s.p.idleCheckEvery())
+	}
+	return s.timers.next, true
+}
+
+// expireIdle, when an idle check is due, closes the windows of every owned
+// patient silent for stream.windows.idle_timeout (engine.idle). It runs
+// between transactions, and what it closes commits in a transaction of its
+// own that also writes every pending patient state: the outputs of an idle
+// close and the state that emitted them must commit together, since no
+// input record stands for the close in a restore's replay.
+func (s *session) expireIdle() error {
+	if t, ok := s.idlePollDeadline(); !ok || time.Now().Before(t) {
+		return nil
+	}
+	s.timers.next = time.Now().Add(s.p.idleCheckEvery())
+	return s.closeWindows(true)
+}
+
+// closeWindowsOnShutdown closes, once, every open window of every owned
+// patient when stream.windows.flush_on_shutdown is set (engine.flush), in
+// a last transaction. The loop calls it between transactions once Run's
+// context is done.
+func (s *session) closeWindowsOnShutdown() error {
+	if !s.p.cfg.Stream.Windows.FlushOnShutdown || s.timers.flushed {
+		return nil
+	}
+	s.timers.flushed = true
+	return s.closeWindows(false)
+}
+
+// closeWindows runs engine.idle (idle) or engine.flush (shutdown) over the
+// owned patients, in partition then key order, and, when a patient
+// changed, produces the outputs in a new transaction and commits it with
+// every pending state. It must be called between transactions.
+func (s *session) closeWindows(idle bool) error {
+	nowMs := s.p.clock.Now().UnixMilli()
+	if s.timers.w == nil {
+		s.timers.w = &worker{s: s, nAlerts: map[vigilv1.AlertEventType]int{}, nDeadBy: map[string]int{}}
+	}
+	w := s.timers.w
+	w.resetCounts()
+	type due struct {
+		part int32
+		key  string
+		ps   *partState
+		e    *entry
+	}
+	var dues []due
+	s.mu.Lock()
+	for part, ps := range s.parts {
+		if ps.next < 0 {
+			continue // nothing processed or committed: no patient
+		}
+		for key, e := range ps.pats {
+			if idle && !s.p.eng.idleDue(e.pt, nowMs) || !idle && e.pt.win.Empty() {
+				continue
+			}
+			dues = append(dues, due{part, key, ps, e})
+		}
+	}
+	slices.SortFunc(dues, func(a, b due) int {
+		if a.part != b.part {
+			return int(a.part - b.part)
+		}
+		return strings.Compare(a.key, b.key)
+	})
+	changed := 0
+	for _, d := range dues {
+		var ok bool
+		if idle {
+			ok = s.p.eng.idle(d.e.pt, nowMs, &w.out)
+		} else {
+			ok = s.p.eng.flush(d.e.pt, nowMs, &w.out)
+		}
+		if ok {
+			d.ps.markDirty(d.e, d.ps.next, time.Now())
+			changed++
+		}
+	}
+	s.mu.Unlock()
+	if changed == 0 {
+		return nil
+	}
+	if err := s.begin(); err != nil {
+		return err
+	}
+	for _, o := range w.out.list {
+		if err := w.produce(o); err != nil {
+			return err
+		}
+	}
+	clear(w.out.list)
+	w.out.list = w.out.list[:0]
+	s.nFeatures += w.nFeatures
+	s.nScores += w.nScores
+	for k, n := range w.nAlerts {
+		s.nAlerts[k] += n
+	}
+	for k, n := range w.nDeadBy {
+		s.nDeadBy[k] += n
+	}
+	why := "idle timeout"
+	if !idle {
+		why = "shutdown"
+	}
+	s.p.log.Debug("closed windows", "why", why, "patients", changed, "features", w.nFeatures)
+	return s.commit(true)
 }

@@ -4,21 +4,27 @@ import (
 	"math"
 	"testing"
 
+	"github.com/apache/arrow/go/v17/arrow/memory"
 	"google.golang.org/protobuf/proto"
 
-	"github.com/vigilhealth/vigil/detectors/alerting"
 	"github.com/vigilhealth/vigil/detectors/news2"
 	"github.com/vigilhealth/vigil/internal/catalog"
 	"github.com/vigilhealth/vigil/internal/config"
 	vigilv1 "github.com/vigilhealth/vigil/proto/vigil/v1"
 )
 
-func testEngine() *engine {
-	c := config.Default().Stream
-	return &engine{
-		sizeMs: c.Window.Milliseconds(), oooMs: c.OutOfOrderness.Milliseconds(), staleness: c.Staleness,
-		ruleset: news2.Default(), alerts: alerting.New(alerting.NEWS2Rules()), catalog: catalog.Default(),
+// testEngine is the engine of the default configuration, allocating its
+// Arrow batches from a checked allocator that must be back to zero when
+// the test ends (every outputs passed to it released by then).
+func testEngine(t testing.TB) *engine {
+	t.Helper()
+	mem := memory.NewCheckedAllocator(memory.NewGoAllocator())
+	t.Cleanup(func() { mem.AssertSize(t, 0) })
+	e, err := newEngine(config.Default(), news2.Default(), catalog.Default(), mem)
+	if err != nil {
+		t.Fatal(err)
 	}
+	return e
 }
 
 type collected struct {
@@ -48,14 +54,16 @@ func (c *collected) add(o outputs) {
 // after a restart.
 func runEngine(t *testing.T, batches []*vigilv1.SampleBatch, roundTrip bool) collected {
 	t.Helper()
-	e := testEngine()
+	e := testEngine(t)
 	var c collected
 	var p *patient
+	var out outputs
+	defer out.release()
 	for i, b := range batches {
 		if p == nil {
 			p = e.newPatient("st-mary/p-001", b.Tenant, b.Patient)
 		}
-		var out outputs
+		out.reset()
 		e.apply(p, b, int64(1000+i), &out)
 		c.add(out)
 		if roundTrip {
@@ -110,52 +118,166 @@ func msgs[T proto.Message](xs []T) []proto.Message {
 	return out
 }
 
+// byKind splits outputs.
+func byKind(out *outputs) collected {
+	var c collected
+	c.add(*out)
+	return c
+}
+
+func hrBatch(ms ...int64) *vigilv1.SampleBatch {
+	b := &vigilv1.SampleBatch{Tenant: "t", Patient: "p", Source: vigilv1.Source_SOURCE_HTTP}
+	for i, at := range ms {
+		b.Samples = append(b.Samples, &vigilv1.Sample{Metric: "heart_rate", Value: float64(70 + i), EventTimeMs: t0 + at})
+	}
+	return b
+}
+
+// TestEngineLateAndInvalid: default settings (5 s out-of-orderness, 60 s
+// allowed lateness).
 func TestEngineLateAndInvalid(t *testing.T) {
-	e := testEngine()
+	e := testEngine(t)
 	p := e.newPatient("t/p", "t", "p")
 	var out outputs
-	// The first batch of a patient is never late, however old.
-	e.apply(p, &vigilv1.SampleBatch{Tenant: "t", Patient: "p", Samples: []*vigilv1.Sample{
-		{Metric: "heart_rate", Value: 70, EventTimeMs: t0 + 120000},
-		{Metric: "heart_rate", Value: 71, EventTimeMs: t0 + 3000}, // same batch: windows open with the batch's watermark before it
-	}}, 1, &out)
-	if len(out.list) == 0 || out.late != 0 {
-		t.Fatalf("first batch: %d outputs, %d late", len(out.list), out.late)
+	defer out.release()
+	// The first batch of a patient is never late, however old. HR 70 at
+	// +120 s and 71 at +3 s: watermark +115 s closes [0, 60 s) (HR 71
+	// alone) and the 5-minute window ending at +60 s.
+	e.apply(p, hrBatch(120000, 3000), 1, &out)
+	c := byKind(&out)
+	if out.late != 0 || len(c.fws) != 2 || c.fws[0].Window != "1m" || c.fws[0].Version != 1 || feature(c.fws[0], "heart_rate").Mean != 71 {
+		t.Fatalf("first batch: %d late, windows %v", out.late, c.fws)
 	}
 	out.reset()
-	// Window [t0, t0+60s) closed above (watermark t0+115 s): t0+59.999 s is late,
-	// t0+60 s (next window, end t0+120 s > watermark) is not.
+	// HR 70 at +59.999 s: [0, 60 s) closed at +60 s, the watermark (+115 s)
+	// is within 60 s of that: both windows come again as version 2, with
+	// HR 71 and 70 (mean 70.5, last 70 at +59.999 s). HR 71 at +60 s goes
+	// in the open minute.
 	changed := e.apply(p, &vigilv1.SampleBatch{Tenant: "t", Patient: "p", Samples: []*vigilv1.Sample{
-		{Metric: "heart_rate", Value: 72, EventTimeMs: t0 + 59999},
+		{Metric: "heart_rate", Value: 70, EventTimeMs: t0 + 59999},
 		{Metric: "", Value: 1, EventTimeMs: t0 + 130000},
-		{Metric: "heart_rate", Value: 73, EventTimeMs: t0 + 60000},
+		{Metric: "heart_rate", Value: 71, EventTimeMs: t0 + 60000},
 		{Metric: "spo2", Value: math.NaN(), EventTimeMs: t0 + 130000},
 		{Metric: "made_up", Value: 1, EventTimeMs: t0 + 130000},
+		{Metric: "heart_rate", Value: 3e9, EventTimeMs: t0 + 130000}, // beyond the int32 keys at 1 /min
 	}}, 2, &out)
-	if !changed || out.late != 1 || out.invalid != 3 || out.samples != 5 {
-		t.Fatalf("changed %v late %d invalid %d samples %d", changed, out.late, out.invalid, out.samples)
+	c = byKind(&out)
+	if !changed || out.late != 0 || out.invalid != 4 || out.samples != 6 || out.corrections != 2 {
+		t.Fatalf("changed %v late %d invalid %d samples %d corrections %d", changed, out.late, out.invalid, out.samples, out.corrections)
+	}
+	if len(c.fws) != 2 || c.fws[0].Version != 2 || c.fws[1].Version != 2 || c.fws[0].StartMs != t0 || c.fws[1].EndMs != t0+60000 {
+		t.Fatalf("corrections %v", c.fws)
+	}
+	if hr := feature(c.fws[0], "heart_rate"); hr.Count != 2 || hr.Mean != 70.5 || hr.Last != 70 || hr.LastTimeMs != t0+59999 {
+		t.Errorf("corrected minute: %v", hr)
 	}
 	reasons := map[string]string{}
-	for _, o := range out.list {
-		if o.kind == outDeadLetter {
-			reasons[o.dl.Reason] = o.dl.Field
-		}
+	for _, d := range c.dls {
+		reasons[d.Reason] = d.Field
 	}
-	if reasons["too_late"] != "samples[0]" || reasons["unknown_metric"] != "samples[1],samples[4]" || reasons["out_of_range"] != "samples[3]" {
+	if reasons["unknown_metric"] != "samples[1],samples[4]" || reasons["out_of_range"] != "samples[3],samples[5]" || len(reasons) != 2 {
 		t.Errorf("dead letters %v", reasons)
 	}
+	// A window-end score is not taken again for a correction.
+	if len(c.scores) != 0 {
+		t.Errorf("scores for a correction: %v", c.scores)
+	}
 	out.reset()
-	if e.apply(p, &vigilv1.SampleBatch{Tenant: "t", Patient: "p", Samples: []*vigilv1.Sample{
-		{Metric: "heart_rate", Value: 72, EventTimeMs: t0},
-	}}, 3, &out) {
-		t.Error("a batch of only late samples changed the state")
+	// HR at +181 s: watermark +176 s is 60 s or more past +60 s, the end
+	// of [0, 60 s): a sample at +30 s is too late; one at +121 s (minute 2,
+	// closed at +180 s... not yet: open) goes in.
+	e.apply(p, hrBatch(181000), 3, &out)
+	out.reset()
+	changed = e.apply(p, hrBatch(30000, 121000), 4, &out)
+	c = byKind(&out)
+	if !changed || out.late != 1 || len(c.dls) != 1 || c.dls[0].Reason != "too_late" || c.dls[0].Field != "samples[0]" ||
+		c.dls[0].Batch.Samples[0].EventTimeMs != t0+30000 || len(c.fws) != 0 {
+		t.Fatalf("too late: changed %v late %d dead letters %v windows %v", changed, out.late, c.dls, c.fws)
+	}
+	out.reset()
+	if e.apply(p, hrBatch(0), 5, &out) {
+		t.Error("a batch of only too-late samples changed the state")
+	}
+}
+
+// TestEngineIdleTimeout: a patient silent for the idle timeout (2 min by
+// default, on the processing time the processor passes) has its open
+// windows closed, with the window-end score, and later its state goes.
+func TestEngineIdleTimeout(t *testing.T) {
+	e := testEngine(t)
+	p := e.newPatient("t/p", "t", "p")
+	var out outputs
+	defer out.release()
+	// Seen at processing time 10 s: HR 80 at +10 s, 90 at +20 s; SpO2 97.
+	b := hrBatch(10000, 20000)
+	b.Samples[0].Value, b.Samples[1].Value = 80, 90
+	b.Samples = append(b.Samples, &vigilv1.Sample{Metric: "spo2", Value: 97, EventTimeMs: t0 + 20000})
+	const seen = 10000
+	e.apply(p, b, seen, &out)
+	if c := byKind(&out); len(c.fws) != 0 {
+		t.Fatalf("windows closed at once: %v", c.fws)
+	}
+	out.reset()
+	idle := config.Default().Stream.Windows.IdleTimeout.Milliseconds()
+	if e.idle(p, seen+idle-1, &out) || len(out.list) != 0 {
+		t.Fatalf("closed before the idle timeout: %v", out.list)
+	}
+	if !e.idle(p, seen+idle, &out) {
+		t.Fatal("idle timeout did not change the patient")
+	}
+	c := byKind(&out)
+	// Closed: [0, 60 s) and the five 5-minute windows holding minute 0
+	// (ending +60 s ... +300 s); watermark at +300 s, the end of the last.
+	var ones, fives int
+	for _, fw := range c.fws {
+		switch {
+		case fw.Window == "1m" && fw.StartMs == t0:
+			ones++
+			if hr := feature(fw, "heart_rate"); hr.Count != 2 || hr.Mean != 85 || hr.Last != 90 || !approx(hr.SlopePerMin, 60) {
+				t.Errorf("minute 0 heart rate %v", hr)
+			}
+		case fw.Window == "5m":
+			fives++
+		default:
+			t.Errorf("unexpected window %v", fw)
+		}
+		if fw.WatermarkMs != t0+300000 || fw.EmittedTimeMs != seen+idle {
+			t.Errorf("window %s at %d: watermark %d emitted %d", fw.Window, fw.StartMs, fw.WatermarkMs, fw.EmittedTimeMs)
+		}
+	}
+	if ones != 1 || fives != 5 {
+		t.Errorf("%d 1-minute and %d 5-minute windows, want 1 and 5", ones, fives)
+	}
+	// The window-end score at +60 s (HR 90 -> 1 point, SpO2 97 -> 0; the
+	// other parameters missing). The change score at +20 s came first.
+	if len(c.scores) != 1 || c.scores[0].EventTimeMs != t0+60000 {
+		t.Errorf("window-end scores %v", c.scores)
+	}
+	out.reset()
+	// Nothing left to close: no change until the panes kept for late
+	// samples expire (allowed lateness after the last 5-minute window,
+	// counted on from the timeout).
+	if e.idle(p, seen+idle+1000, &out) || len(out.list) != 0 {
+		t.Errorf("a second idle look changed the patient: %v", out.list)
+	}
+	// Panes go when newest event time (+20 s) - 5 s + overdue reaches the
+	// pane start + 5 min + 60 s = +360 s: overdue 345 s.
+	if !e.idle(p, seen+idle+345000, &out) || !p.win.Empty() || len(out.list) != 0 {
+		t.Errorf("window state not dropped: empty %v, outputs %v", p.win.Empty(), out.list)
+	}
+	// A sample for minute 0 is now too late, one for minute 6 is not.
+	out.reset()
+	e.apply(p, hrBatch(30000, 370000), seen+idle+346000, &out)
+	if out.late != 1 {
+		t.Errorf("after idle: %d late, want 1", out.late)
 	}
 }
 
 func TestEngineNoScoreWithoutNEWS2Inputs(t *testing.T) {
-	e := testEngine()
+	e := testEngine(t)
 	p := e.newPatient("t/p", "t", "p")
 	var out outputs
+	defer out.release()
 	for i := range 3 {
 		e.apply(p, &vigilv1.SampleBatch{Tenant: "t", Patient: "p", Samples: []*vigilv1.Sample{
 			{Metric: "steps", Value: 10, EventTimeMs: t0 + int64(i)*60000},
@@ -170,6 +292,8 @@ func TestEngineNoScoreWithoutNEWS2Inputs(t *testing.T) {
 			scores++
 		}
 	}
+	// Minute 0 (the 5m windows have no steps; the session, 10-minute
+	// gap, is open).
 	if fws != 1 || scores != 0 {
 		t.Errorf("steps only: %d feature windows, %d scores; want 1, 0", fws, scores)
 	}
@@ -177,9 +301,10 @@ func TestEngineNoScoreWithoutNEWS2Inputs(t *testing.T) {
 
 // BenchmarkEngine measures the per-patient processing alone.
 func BenchmarkEngine(b *testing.B) {
-	e := testEngine()
+	e := testEngine(b)
 	p := e.newPatient("t/p", "t", "p")
 	var out outputs
+	defer out.release()
 	batch := &vigilv1.SampleBatch{Tenant: "t", Patient: "p", Samples: make([]*vigilv1.Sample, 6)}
 	metrics := []string{"heart_rate", "spo2", "respiratory_rate", "systolic_bp", "body_temperature", "consciousness"}
 	vals := []float64{80, 97, 16, 120, 37, 0}

@@ -24,20 +24,29 @@
 // lives with the input partition that owns the patient. Its changelog is
 // the compacted topic kafka.topics.state, co-partitioned with the input:
 // a patient's state is written to the state partition with the number of
-// the input partition it came from, in the same transaction as the outputs
-// and offsets it reflects (a tombstone when the state is empty). When
-// partitions are assigned, their state is read back from the changelog to
-// its end (read-committed, after any open transaction on it has finished)
-// before any of their input is processed; on revocation or loss it is
-// dropped. When a transaction aborts, franz-go rewinds the input to the
-// committed offsets and the processor rebuilds the touched partitions'
-// state from the changelog, so processing resumes from a consistent point.
-// A crash anywhere therefore leaves committed outputs, state and offsets
-// that agree, and a restart produces what an uninterrupted run would have
-// (processing-time fields aside).
+// the input partition it came from, inside a transaction that also
+// commits outputs and offsets, but not in every one: a changed patient is
+// written once its oldest unwritten change is stream.checkpoint_interval
+// old (and at a graceful stop, and with whatever an idle timeout or the
+// shutdown flush closed). Each written state records the input offset it
+// reflects (applied_offset); each transaction writes, per input partition
+// it commits, a checkpoint record: the offset at or below which all input
+// is in written states. When partitions are assigned, their state is read
+// back from the changelog to its end (read-committed, after any open
+// transaction on it has finished), then the input from the checkpoint to
+// the committed offset is applied again, silently, to the patients whose
+// state does not yet reflect it (see replay in restore.go); on revocation
+// or loss the state is dropped. When a transaction aborts, franz-go
+// rewinds the input to the committed offsets and the processor restores
+// its partitions the same way. A crash anywhere therefore leaves committed
+// outputs, state and offsets from which a restart produces what an
+// uninterrupted run would have (processing-time fields aside), after
+// re-reading about one checkpoint interval of input.
 //
-// Processing is single-goroutine per Processor; scale out by running more
-// processors in the same group.
+// The partitions of one poll are processed concurrently, one goroutine
+// per partition (a patient's records stay in order).
+//
+// Scale out by running more processors in the same group.
 package stream
 
 import (
@@ -45,17 +54,18 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"net"
 	"os"
 	"sync"
 	"time"
 
+	"github.com/apache/arrow/go/v17/arrow/memory"
 	"github.com/twmb/franz-go/pkg/kadm"
 	"github.com/twmb/franz-go/pkg/kerr"
 	"github.com/twmb/franz-go/pkg/kgo"
 	"github.com/twmb/franz-go/plugin/kslog"
 	"google.golang.org/protobuf/proto"
 
-	"github.com/vigilhealth/vigil/detectors/alerting"
 	"github.com/vigilhealth/vigil/detectors/news2"
 	"github.com/vigilhealth/vigil/internal/bus"
 	"github.com/vigilhealth/vigil/internal/catalog"
@@ -132,6 +142,10 @@ func New(cfg config.Config, deps stage.Deps) (*Processor, error) {
 			return nil, fmt.Errorf("stream.instance_id is empty and the host name is unknown (%v): set it", err)
 		}
 	}
+	eng, err := newEngine(cfg, rs, cat, memory.NewGoAllocator())
+	if err != nil {
+		return nil, err
+	}
 	m, err := newMetrics(deps.Metrics)
 	if err != nil {
 		return nil, err
@@ -142,14 +156,7 @@ func New(cfg config.Config, deps stage.Deps) (*Processor, error) {
 		clock: deps.Clock,
 		m:     m,
 		txnID: cfg.Stream.Group + "-" + instance,
-		eng: &engine{
-			sizeMs:    cfg.Stream.Window.Milliseconds(),
-			oooMs:     cfg.Stream.OutOfOrderness.Milliseconds(),
-			staleness: cfg.Stream.Staleness,
-			ruleset:   rs,
-			alerts:    alerting.New(alerting.NEWS2Rules()),
-			catalog:   cat,
-		},
+		eng:   eng,
 	}, nil
 }
 
@@ -278,6 +285,39 @@ func (p *Processor) clientOpts() []kgo.Opt {
 		kgo.WithLogger(quietLogger{kslog.New(p.log.With("component", "kafka"))}))
 }
 
+// throughputOpts tunes the session's client for throughput; the commit
+// interval, not linger, bounds latency (End flushes the transaction).
+//   - No linger: a transaction's records go out while the engine works
+//     on the next ones, batched by what accumulates meanwhile.
+//   - Room for a whole poll's outputs (MaxBufferedRecords; bytes stay
+//     bounded by kafka.max_buffered_bytes): Produce blocks, as
+//     backpressure, only beyond that.
+//   - Larger fetches per partition, so that one poll takes a whole
+//     stream.max_poll_records from a partition.
+//   - No compression when every broker is on this host: on loopback it
+//     costs CPU and saves nothing.
+func throughputOpts(brokers []string) []kgo.Opt {
+	opts := []kgo.Opt{
+		kgo.ProducerLinger(0),
+		kgo.MaxBufferedRecords(1 << 17),
+		kgo.FetchMaxPartitionBytes(8 << 20),
+	}
+	local := len(brokers) > 0
+	for _, b := range brokers {
+		host, _, err := net.SplitHostPort(b)
+		if err != nil {
+			host = b
+		}
+		if ip := net.ParseIP(host); host != "localhost" && (ip == nil || !ip.IsLoopback()) {
+			local = false
+		}
+	}
+	if local {
+		opts = append(opts, kgo.ProducerBatchCompression(kgo.NoCompression()))
+	}
+	return opts
+}
+
 // quietLogger demotes franz-go's info logs to debug.
 type quietLogger struct{ kgo.Logger }
 
@@ -326,6 +366,7 @@ func (p *Processor) runSession(ctx context.Context) error {
 	if p.cfg.Stream.StaticMembership {
 		opts = append(opts, kgo.InstanceID(p.txnID))
 	}
+	opts = append(opts, throughputOpts(p.cfg.Kafka.Brokers)...)
 	sess, err := kgo.NewGroupTransactSession(opts...)
 	if err != nil {
 		return permanent(fmt.Errorf("creating transactional group session: %w", err))
@@ -457,12 +498,15 @@ type session struct {
 	samples, late             int
 	nAlerts                   map[vigilv1.AlertEventType]int
 	nDeadBy                   map[string]int
+	// timers: idle timeout and flush on shutdown (engine.go)
+	timers windowTimers
 }
 
 // worker processes the records of one partition of a poll. Its buffers
 // are reused between polls.
 type worker struct {
 	s     *session
+	dec   batchDecoder
 	batch vigilv1.SampleBatch
 	out   outputs
 	// counts of the poll, merged into the session's after it
@@ -482,23 +526,21 @@ func (w *worker) resetCounts() {
 	w.err = nil
 }
 
-// decodeBatch decodes a SampleBatch record value into b, replacing what b
-// held.
-func decodeBatch(v []byte, b *vigilv1.SampleBatch) error {
-	proto.Reset(b)
-	return proto.Unmarshal(v, b)
-}
-
 func (s *session) loop(ctx context.Context) error {
 	cl := s.sess.Client()
 	maxPoll := s.p.cfg.Stream.MaxPollRecords
 	for {
 		if ctx.Err() != nil && !s.inTxn {
+			if err := s.closeWindowsOnShutdown(); err != nil {
+				return err
+			}
 			return s.flush()
 		}
 		pollCtx, cancel := ctx, context.CancelFunc(func() {})
 		if s.inTxn {
 			pollCtx, cancel = context.WithDeadline(ctx, s.deadline)
+		} else if t, ok := s.idlePollDeadline(); ok {
+			pollCtx, cancel = context.WithDeadline(ctx, t)
 		}
 		fetches := s.sess.PollRecords(pollCtx, maxPoll)
 		cancel()
@@ -541,6 +583,9 @@ func (s *session) loop(ctx context.Context) error {
 			}
 		}
 		if !s.inTxn {
+			if err := s.expireIdle(); err != nil {
+				return err
+			}
 			s.sess.AllowRebalance()
 		}
 	}
@@ -658,7 +703,7 @@ func (w *worker) run(now int64) {
 	s := w.s
 	ps := s.parts[w.part]
 	for _, r := range w.recs {
-		if e, changed := s.p.applyRecord(ps, r, &w.batch, now, &w.out, false); changed {
+		if e, changed := s.p.applyRecord(ps, r, &w.dec, &w.batch, now, &w.out, false); changed {
 			ps.markDirty(e, r.Offset, s.begun)
 		}
 		ps.next = r.Offset + 1
@@ -675,12 +720,14 @@ func (w *worker) run(now int64) {
 	}
 }
 
-// applyRecord decodes one input record into b (reused) and applies it to
-// its patient, appending the outputs to out. In replay mode a record the
+// applyRecord decodes one input record into b (reused: the engine keeps
+// no reference to the batch or its samples, and the outputs that do are
+// produced before the next record) and applies it to its patient,
+// appending the outputs to out. In replay mode a record the
 // patient's restored state already reflects is skipped. It returns the
 // patient's entry and whether the patient changed.
-func (p *Processor) applyRecord(ps *partState, r *kgo.Record, b *vigilv1.SampleBatch, now int64, out *outputs, replay bool) (*entry, bool) {
-	if err := decodeBatch(r.Value, b); err != nil {
+func (p *Processor) applyRecord(ps *partState, r *kgo.Record, d *batchDecoder, b *vigilv1.SampleBatch, now int64, out *outputs, replay bool) (*entry, bool) {
+	if err := d.decode(r.Value, b); err != nil {
 		out.list = append(out.list, output{kind: outDeadLetter, dl: p.rawDeadLetter(r, "invalid_protobuf",
 			fmt.Sprintf("record at %s/%d@%d is not a SampleBatch: %v", r.Topic, r.Partition, r.Offset, err), now)})
 		return nil, false

@@ -14,17 +14,21 @@ import (
 )
 
 // restoreLocked replaces the state of the given input partitions with what
-// their changelog partitions (same numbers) hold. It blocks until then, at
-// most restoreTimeout:
+// their changelog partitions (same numbers) hold, brought up to the
+// committed input offsets. It blocks until then, at most restoreTimeout:
 //
 //  1. it waits until no transaction is open on those changelog partitions
 //     (last stable offset = high watermark): a predecessor's in-flight
 //     transaction must be committed or aborted first, or the state read
 //     would not match the input offsets the group hands out;
+//
 //  2. it reads each partition from its start, read-committed, keeping
 //     control records so that reaching the end (high watermark - 1, always
 //     a commit or abort marker since every changelog write is
 //     transactional) is seen even though markers carry no data.
+//
+//  3. it replays the input from each partition's checkpoint to the
+//     group's committed offset (replay).
 //
 // cl is the session's client (passed in: the first assignment can run
 // before NewGroupTransactSession has returned it). s.mu must be held.
@@ -160,6 +164,7 @@ func (s *session) replay(ctx context.Context, adm *kadm.Client, fresh map[int32]
 	defer cl.Close()
 	var (
 		b     vigilv1.SampleBatch
+		dec   batchDecoder
 		out   outputs
 		n     int64
 		spans = map[int32]int64{}
@@ -188,7 +193,7 @@ func (s *session) replay(ctx context.Context, adm *kadm.Client, fresh map[int32]
 			}
 			if !r.Attrs.IsControl() {
 				ps := fresh[r.Partition]
-				if e, changed := s.p.applyRecord(ps, r, &b, now, &out, true); changed {
+				if e, changed := s.p.applyRecord(ps, r, &dec, &b, now, &out, true); changed {
 					ps.markDirty(e, r.Offset, at)
 				}
 				out.reset()

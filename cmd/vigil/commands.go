@@ -115,6 +115,7 @@ func (p *platform) addIngest() error {
 		_ = srv.Close(context.Background())
 		return fmt.Errorf("creating http ingest: %w", err)
 	}
+	h.SetCodes(p.mapping)
 	srv.Mount("POST /v1/samples", h)
 	if err := p.addWaveforms(srv, pub); err != nil {
 		_ = srv.Close(context.Background())
@@ -122,6 +123,16 @@ func (p *platform) addIngest() error {
 		return err
 	}
 	if err := p.addBindings(srv, h); err != nil {
+		_ = srv.Close(context.Background())
+		_ = pub.Close(context.Background())
+		return err
+	}
+	if err := p.addMQTTAndFHIR(srv, pub); err != nil {
+		_ = srv.Close(context.Background())
+		_ = pub.Close(context.Background())
+		return err
+	}
+	if err := p.addMLLP(pub); err != nil {
 		_ = srv.Close(context.Background())
 		_ = pub.Close(context.Background())
 		return err
@@ -184,6 +195,8 @@ func (p *platform) printBanner(env *cliEnv) {
 	var b strings.Builder
 	b.WriteString("\nVigil is running. Where to look:\n")
 	fmt.Fprintf(&b, "  HTTP API    http://%s  (POST /v1/samples, GET /healthz /readyz /metrics)\n", p.cfg.HTTP.Listen)
+	b.WriteString(p.mllpBanner())
+	b.WriteString(p.gatewayBanner())
 	fmt.Fprintf(&b, "  Kafka       %s  (kcat -b %s -L; kcat -b %s -C -t %s -o beginning)\n",
 		strings.Join(p.cfg.Kafka.Brokers, ","), p.cfg.Kafka.Brokers[0], p.cfg.Kafka.Brokers[0], p.cfg.Kafka.Topics.Alerts)
 	host, port, _ := net.SplitHostPort(p.cfg.ClickHouse.Addr)

@@ -3,6 +3,7 @@ package main
 import (
 	"context"
 	"fmt"
+	"log/slog"
 	"math/rand/v2"
 	"os"
 	"sort"
@@ -11,6 +12,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/ClickHouse/clickhouse-go/v2/lib/driver"
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/twmb/franz-go/pkg/kadm"
 	"github.com/twmb/franz-go/pkg/kgo"
@@ -28,11 +30,17 @@ import (
 )
 
 // TestStreamExactlyOnceUnderSIGKILL replays the same recorded ward into two
-// brokers. On the first, `vigil stream` runs uninterrupted; on the second it
-// is killed with SIGKILL at random points of the replay and restarted, again
-// and again, then left to finish. The features, scores and alerts topics
-// (read committed) and the ClickHouse tables the sink fills must be equal:
-// nothing lost, nothing duplicated, the same values.
+// brokers. On the first, `vigil stream` runs uninterrupted over the whole
+// input. On the second the input arrives in stages while `vigil stream`
+// runs, and each stage's process is killed with SIGKILL at a random point
+// while that stage's input is still arriving (so it dies mid-processing:
+// inside or between transactions, after some checkpoints and before
+// others), then restarted; a last process gets the last stage and is left
+// to finish. The features, scores and alerts topics (read committed) and
+// the ClickHouse tables the sink fills must be equal: nothing lost,
+// nothing duplicated, the same values. The restarted processes must have
+// replayed input from their checkpoints (stream.checkpoint_interval is
+// short here), so that path is what the kills test.
 //
 // VIGIL_EO_KILLS sets the number of kills (default 4, 2 with -short); run
 // it in a loop with -count to shake out rare interleavings.
@@ -43,8 +51,8 @@ func TestStreamExactlyOnceUnderSIGKILL(t *testing.T) {
 	}
 	if v := os.Getenv("VIGIL_EO_KILLS"); v != "" {
 		n, err := strconv.Atoi(v)
-		if err != nil {
-			t.Fatalf("VIGIL_EO_KILLS=%q: %v", v, err)
+		if err != nil || n < 1 {
+			t.Fatalf("VIGIL_EO_KILLS=%q: want a positive number (%v)", v, err)
 		}
 		kills = n
 	}
@@ -54,30 +62,60 @@ func TestStreamExactlyOnceUnderSIGKILL(t *testing.T) {
 	rng := rand.New(rand.NewPCG(uint64(seed), 1))
 
 	batches := recordedWard(t)
-	ref := newReplayTarget(t, ch, batches)
-	killed := newReplayTarget(t, ch, batches)
+	ref := newReplayTarget(t, ch)
+	ref.publish(t, batches)
+	killed := newReplayTarget(t, ch)
 
 	// Reference: one uninterrupted run.
 	p := ref.startStream(t)
 	ref.waitCaughtUp(t, 3*time.Minute)
 	p.stop(t, 30*time.Second)
 
-	// Killed at random points, restarted each time.
+	// Killed at random points while its input arrives, restarted each time.
+	stages := kills + 1
+	stage := func(i int) []*vigilv1.SampleBatch {
+		return batches[i*len(batches)/stages : (i+1)*len(batches)/stages]
+	}
+	var replayed int64
 	for i := range kills {
 		p := killed.startStream(t)
-		// Wait until it has started consuming (or a little), then kill
-		// it at a random point of its work.
+		feedEnd := time.Now().Add(feedTime)
+		fed := killed.feed(t, stage(i))
+		// Once it is past start-up (restore, replay) and committing, kill
+		// it at a random point of the rest of the stage's feed.
 		killed.waitProgress(t, 60*time.Second)
-		time.Sleep(time.Duration(rng.IntN(1500)) * time.Millisecond)
+		if left := time.Until(feedEnd) * 4 / 5; left > time.Millisecond {
+			time.Sleep(time.Duration(rng.Int64N(int64(left))))
+		}
+		published, committed := killed.published(t), killed.committed(t)
 		if err := p.cmd.Process.Kill(); err != nil {
 			t.Fatal(err)
 		}
 		<-p.done
-		t.Logf("kill %d: stream group at %d of %d input records", i+1, killed.committed(t), killed.inputEnd)
+		feeding := true
+		select {
+		case <-fed:
+			feeding = false
+		default:
+		}
+		t.Logf("kill %d: stream group at %d of %d input records published so far", i+1, committed, published)
+		if !feeding {
+			t.Errorf("kill %d did not land mid-processing: its stage's input had all arrived (the process took more than %s to start)", i+1, feedTime)
+		}
+		<-fed
+		if i > 0 {
+			replayed += replayedRecords(t, p.out.String())
+		}
 	}
 	p = killed.startStream(t)
+	<-killed.feed(t, stage(kills))
 	killed.waitCaughtUp(t, 3*time.Minute)
 	p.stop(t, 30*time.Second)
+	replayed += replayedRecords(t, p.out.String())
+	t.Logf("restarted processes replayed %d input records from their checkpoints", replayed)
+	if replayed == 0 {
+		t.Errorf("no restarted process replayed input: the kills did not exercise the checkpoint replay")
+	}
 
 	for _, topic := range []string{ref.cfg.Kafka.Topics.Features, ref.cfg.Kafka.Topics.Scores, ref.cfg.Kafka.Topics.Alerts} {
 		want, got := ref.outputs(t, topic), killed.outputs(t, topic)
@@ -100,6 +138,25 @@ func TestStreamExactlyOnceUnderSIGKILL(t *testing.T) {
 	}
 	refSink.stop(t, 30*time.Second)
 	killedSink.stop(t, 30*time.Second)
+}
+
+// replayedRecords sums the replayed_records of the restores a vigil
+// stream process logged.
+func replayedRecords(t *testing.T, log string) int64 {
+	t.Helper()
+	var n int64
+	for _, line := range strings.Split(log, "\n") {
+		_, after, ok := strings.Cut(line, "replayed_records=")
+		if !ok {
+			continue
+		}
+		v, err := strconv.ParseInt(strings.Fields(after)[0], 10, 64)
+		if err != nil {
+			t.Fatalf("restore log line %q: %v", line, err)
+		}
+		n += v
+	}
+	return n
 }
 
 // recordedWard plays a deterministic ward (fixed seed, a start in the past)
@@ -133,45 +190,82 @@ func recordedWard(t *testing.T) []*vigilv1.SampleBatch {
 // replayTarget is one broker (and ClickHouse database) the ward was
 // replayed into.
 type replayTarget struct {
-	broker   string
-	cfg      config.Config
-	adm      *kadm.Client
-	inputEnd int64
+	broker string
+	cfg    config.Config
+	adm    *kadm.Client
+	pub    *publish.Publisher
 }
 
-func newReplayTarget(t *testing.T, ch string, batches []*vigilv1.SampleBatch) *replayTarget {
+func newReplayTarget(t *testing.T, ch string) *replayTarget {
 	t.Helper()
 	broker := testenv.Kafka(t)
 	cfg := testenv.Config(t, broker, ch)
-	pub, err := publish.New(cfg, stage.Deps{Log: testenv.Logger(t), Metrics: prometheus.NewRegistry()})
+	pub, err := publish.New(cfg, stage.Deps{Log: slog.New(slog.DiscardHandler), Metrics: prometheus.NewRegistry()})
 	if err != nil {
 		t.Fatal(err)
 	}
-	ctx := context.Background()
-	for i := 0; i < len(batches); i += 500 {
-		if err := pub.Publish(ctx, batches[i:min(i+500, len(batches))]); err != nil {
-			t.Fatal(err)
-		}
-	}
-	_ = pub.Close(ctx)
+	t.Cleanup(func() { _ = pub.Close(context.Background()) })
 	cl, err := kgo.NewClient(kgo.SeedBrokers(broker))
 	if err != nil {
 		t.Fatal(err)
 	}
 	t.Cleanup(cl.Close)
-	rt := &replayTarget{broker: broker, cfg: cfg, adm: kadm.NewClient(cl)}
-	ends, err := rt.adm.ListEndOffsets(ctx, cfg.Kafka.Topics.Samples)
+	return &replayTarget{broker: broker, cfg: cfg, adm: kadm.NewClient(cl), pub: pub}
+}
+
+// publish writes batches to the samples topic (acknowledged when it
+// returns).
+func (rt *replayTarget) publish(t *testing.T, batches []*vigilv1.SampleBatch) {
+	t.Helper()
+	for i := 0; i < len(batches); i += 500 {
+		if err := rt.pub.Publish(context.Background(), batches[i:min(i+500, len(batches))]); err != nil {
+			t.Error(err)
+			return
+		}
+	}
+}
+
+// feedTime is how long feed spreads a stage's input over.
+const feedTime = 2 * time.Second
+
+// feed publishes batches in the background, in 100 pieces spread over
+// feedTime; the channel is closed when all are published.
+func (rt *replayTarget) feed(t *testing.T, batches []*vigilv1.SampleBatch) <-chan struct{} {
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		const pieces = 100
+		tick := time.NewTicker(feedTime / pieces)
+		defer tick.Stop()
+		for i := range pieces {
+			rt.publish(t, batches[i*len(batches)/pieces:(i+1)*len(batches)/pieces])
+			<-tick.C
+		}
+	}()
+	return done
+}
+
+// published is the number of records in the samples topic.
+func (rt *replayTarget) published(t *testing.T) int64 {
+	t.Helper()
+	ends, err := rt.adm.ListEndOffsets(context.Background(), rt.cfg.Kafka.Topics.Samples)
+	if err == nil {
+		err = ends.Error()
+	}
 	if err != nil {
 		t.Fatal(err)
 	}
-	ends.Each(func(o kadm.ListedOffset) { rt.inputEnd += o.Offset })
-	return rt
+	var n int64
+	ends.Each(func(o kadm.ListedOffset) { n += o.Offset })
+	return n
 }
 
 func (rt *replayTarget) args(cmd string) []string {
 	return []string{cmd, "--brokers", rt.broker, "--data-dir", rt.cfg.DataDir,
 		"--set", "kafka.partitions=" + strconv.Itoa(int(rt.cfg.Kafka.Partitions)),
 		"--set", "stream.instance_id=eo-test", "--set", "status.interval=0s",
+		// Checkpoints every 300 ms: a kill leaves input to replay.
+		"--set", "stream.checkpoint_interval=300ms",
 		"--clickhouse", rt.cfg.ClickHouse.Addr, "--set", "clickhouse.database=" + rt.cfg.ClickHouse.Database,
 		"--http", "127.0.0.1:0"}
 }
@@ -202,25 +296,30 @@ func (rt *replayTarget) committed(t *testing.T) int64 {
 	return n
 }
 
+// waitCaughtUp waits until the group has committed every published
+// record.
 func (rt *replayTarget) waitCaughtUp(t *testing.T, limit time.Duration) {
 	t.Helper()
 	deadline := time.Now().Add(limit)
-	for rt.committed(t) < rt.inputEnd {
+	for end := rt.published(t); rt.committed(t) < end; {
 		if time.Now().After(deadline) {
-			t.Fatalf("stream committed %d of %d input records within %s", rt.committed(t), rt.inputEnd, limit)
+			t.Fatalf("stream committed %d of %d input records within %s", rt.committed(t), end, limit)
 		}
-		time.Sleep(100 * time.Millisecond)
+		time.Sleep(50 * time.Millisecond)
 	}
 }
 
 // waitProgress waits until the group committed more than before (the
-// process is past start-up), or limit passes.
+// process is past start-up).
 func (rt *replayTarget) waitProgress(t *testing.T, limit time.Duration) {
 	t.Helper()
 	before := rt.committed(t)
 	deadline := time.Now().Add(limit)
-	for rt.committed(t) == before && before < rt.inputEnd && time.Now().Before(deadline) {
-		time.Sleep(20 * time.Millisecond)
+	for rt.committed(t) == before {
+		if time.Now().After(deadline) {
+			t.Fatalf("stream group committed nothing new within %s (at %d)", limit, before)
+		}
+		time.Sleep(5 * time.Millisecond)
 	}
 }
 
@@ -276,9 +375,22 @@ func clearProcessingTime(m protoreflect.Message) {
 func (rt *replayTarget) waitRows(t *testing.T, table string) []string {
 	t.Helper()
 	ctx := context.Background()
-	conn, err := chsink.Open(ctx, rt.cfg.ClickHouse)
-	if err != nil {
-		t.Fatal(err)
+	// The sink process creates the database and tables when it starts:
+	// wait for them.
+	deadline := time.Now().Add(2 * time.Minute)
+	var conn driver.Conn
+	for {
+		var err error
+		if conn, err = chsink.Open(ctx, rt.cfg.ClickHouse); err == nil {
+			if err = conn.Exec(ctx, "SELECT count() FROM "+table); err == nil {
+				break
+			}
+			conn.Close()
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("clickhouse %s not there within 2m of starting the sink: %v", table, err)
+		}
+		time.Sleep(200 * time.Millisecond)
 	}
 	defer conn.Close()
 	cols := map[string]string{
@@ -288,7 +400,7 @@ func (rt *replayTarget) waitRows(t *testing.T, table string) []string {
 	}[table]
 	var last uint64
 	stableSince := time.Now()
-	deadline := time.Now().Add(2 * time.Minute)
+	deadline = time.Now().Add(2 * time.Minute)
 	for {
 		var n uint64
 		if err := conn.QueryRow(ctx, "SELECT count() FROM "+table).Scan(&n); err != nil {

@@ -16,6 +16,7 @@ import (
 
 	"github.com/vigilhealth/vigil/ingest/binding"
 	"github.com/vigilhealth/vigil/ingest/mapping"
+	"github.com/vigilhealth/vigil/ingest/waveform"
 	"github.com/vigilhealth/vigil/internal/broker"
 	"github.com/vigilhealth/vigil/internal/bus"
 	"github.com/vigilhealth/vigil/internal/chserver"
@@ -46,6 +47,9 @@ type platform struct {
 	// bindings is the device/bed → patient binding store every ingest
 	// path resolves patients through; set by addIngest.
 	bindings *binding.Store
+	// waveforms is the waveform processor (ECG chunks → RR intervals)
+	// when waveform.enabled; set by addWaveforms, used by the MLLP path.
+	waveforms *waveform.Processor
 }
 
 func newPlatform(env *cliEnv) *platform {

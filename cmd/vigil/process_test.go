@@ -87,7 +87,7 @@ func startVigil(t *testing.T, args ...string) *proc {
 	cmd := exec.Command(vigilBinary(t), args...)
 	out := &syncBuffer{}
 	cmd.Stdout, cmd.Stderr = out, out
-	cmd.Env = append(os.Environ(), "VIGIL_LOG_LEVEL=info")
+	cmd.Env = append(os.Environ(), "VIGIL_LOG_LEVEL=info", "VIGIL_MQTT_EMBEDDED_LISTEN=127.0.0.1:0") // tests that need a fixed MQTT port pass --set
 	if err := cmd.Start(); err != nil {
 		t.Fatal(err)
 	}

@@ -26,7 +26,7 @@ type replayOpts struct {
 func replayFlags(fs *flag.FlagSet, e *cliEnv) {
 	o := &e.replay
 	fs.StringVar(&o.tenant, "tenant", "physionet", "tenant of PSV and WFDB data (recordings carry their own)")
-	fs.StringVar(&o.start, "start", replay.DefaultStart.Format(time.RFC3339), "event time of PSV ICU hour 1 (RFC 3339)")
+	fs.StringVar(&o.start, "start", replay.DefaultStart().Format(time.RFC3339), "event time of PSV ICU hour 1 (RFC 3339)")
 	fs.Float64Var(&o.speed, "speed", 0, "play X× real time by event time (e.g. 60: an hour per minute); 0 = full speed")
 	fs.StringVar(&o.target, "target", "", "post to a running vigil's HTTP API (http://host:port) instead of publishing to Kafka in process")
 	fs.BoolVar(&o.quiet, "quiet", false, "no progress (a bar on a terminal, else a line every 5 s on stderr)")

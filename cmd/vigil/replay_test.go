@@ -6,10 +6,11 @@ import (
 	"bytes"
 	"compress/gzip"
 	"context"
+	"encoding/json"
 	"errors"
-	"fmt"
 	"io"
 	"math"
+	"net/http"
 	"os"
 	"path/filepath"
 	"regexp"
@@ -368,14 +369,15 @@ func TestReplayIntoPlatform(t *testing.T) {
 			}
 			// Each ICU hour is its own 1-minute window (one sample per
 			// metric), closed by the next hour's samples: heart_rate's
-			// mean is that hour's HR cell.
+			// mean is that hour's HR cell, at the window spec's resolution
+			// for heart_rate (decimals 0, half away from zero: 67.5 → 68).
 			for _, fw := range byKey[key] {
 				f := featureOf(fw, "heart_rate")
-				if f == nil {
+				if f == nil || fw.SizeMs != 60_000 {
 					continue
 				}
-				hour := (fw.StartMs-replay.DefaultStart.UnixMilli())/3_600_000 + 1
-				if want, ok := hours[hour]; !ok || f.Count != 1 || f.Mean != want {
+				hour := (fw.StartMs-replay.DefaultStart().UnixMilli())/3_600_000 + 1
+				if want, ok := hours[hour]; !ok || f.Count != 1 || f.Mean != math.Round(want) {
 					t.Errorf("%s hour %d: heart_rate %v, PSV HR %v", key, hour, f, want)
 				}
 				checked++
@@ -405,9 +407,9 @@ func TestReplayIntoPlatform(t *testing.T) {
 			for _, b := range bs {
 				simSamples += int64(len(b.Samples))
 				for _, s := range b.Samples {
-					if s.Metric == "heart_rate" {
+					if s.Metric == "heart_rate" { // at the spec's resolution, as above
 						m := s.EventTimeMs - s.EventTimeMs%60_000
-						perMin[key][m] = append(perMin[key][m], s.Value)
+						perMin[key][m] = append(perMin[key][m], math.Round(s.Value))
 					}
 				}
 			}
@@ -454,15 +456,21 @@ func TestReplayIntoPlatform(t *testing.T) {
 // MLII only (the record's second lead, V5, is not the device's RR channel),
 // about one interval per annotated beat, each 1-minute window's count and
 // mean within a beat and 2 ms of the annotated intervals of that minute,
-// and, where the stream computes them, the HRV features (see the waveform
-// tests for their tolerances).
+// and its HRV features (hrv_mean_nn_ms, hrv_sdnn_ms, hrv_rmssd_ms,
+// hrv_pnn50_pct) within the tolerances argued in
+// ingest/waveform.TestHTTPToHRVFeatures.
 func checkRecord100(t *testing.T, dir string, batches []*vigilv1.SampleBatch, fws []*vigilv1.FeatureWindow) {
+	t.Helper()
+	checkRecord100At(t, dir, replay.DefaultStart().UnixMilli(), batches, fws)
+}
+
+// checkRecord100At is checkRecord100 for a record starting at start (ms).
+func checkRecord100At(t *testing.T, dir string, start int64, batches []*vigilv1.SampleBatch, fws []*vigilv1.FeatureWindow) {
 	t.Helper()
 	anns, err := wfdb.ReadAnnotations(dir, "100", "atr", 0)
 	if err != nil {
 		t.Fatal(err)
 	}
-	start := replay.DefaultStart.UnixMilli()
 	ref := map[int64][]float64{}
 	var beats []int64
 	for _, a := range anns {
@@ -486,7 +494,7 @@ func checkRecord100(t *testing.T, dir string, batches []*vigilv1.SampleBatch, fw
 	if math.Abs(float64(n-(len(beats)-1))) > 3 {
 		t.Errorf("record 100: %d rr_interval samples, %d annotated intervals", n, len(beats)-1)
 	}
-	windows, hrvWindows := 0, 0
+	windows := 0
 	for _, fw := range fws {
 		f := featureOf(fw, "rr_interval")
 		if f == nil || fw.SizeMs != 60_000 {
@@ -498,18 +506,70 @@ func checkRecord100(t *testing.T, dir string, batches []*vigilv1.SampleBatch, fw
 				(fw.StartMs-start)/60_000, f.Count, f.Mean, want.N, want.MeanNN)
 		}
 		windows++
-		if got, ok := f.Derived["hrv_rmssd_ms"]; ok {
-			hrvWindows++
-			if math.Abs(got-want.RMSSD) > 3+0.05*want.RMSSD ||
-				math.Abs(f.Derived["hrv_sdnn_ms"]-want.SDNN) > 3+0.05*want.SDNN {
-				t.Errorf("record 100 minute %d: RMSSD %.2f SDNN %.2f; annotations %.2f %.2f", (fw.StartMs-start)/60_000,
-					got, f.Derived["hrv_sdnn_ms"], want.RMSSD, want.SDNN)
-			}
+		got := hrv.Stats{N: int(f.Count), MeanNN: f.Derived["hrv_mean_nn_ms"], SDNN: f.Derived["hrv_sdnn_ms"],
+			RMSSD: f.Derived["hrv_rmssd_ms"], PNN50: f.Derived["hrv_pnn50_pct"]}
+		if _, ok := f.Derived["hrv_rmssd_ms"]; !ok {
+			t.Errorf("record 100 minute %d: no HRV features in %v", (fw.StartMs-start)/60_000, f)
+			continue
+		}
+		if math.Abs(got.MeanNN-want.MeanNN) > 2 || math.Abs(got.SDNN-want.SDNN) > 3+0.05*want.SDNN ||
+			math.Abs(got.RMSSD-want.RMSSD) > 3+0.05*want.RMSSD || math.Abs(got.PNN50-want.PNN50) > 4 {
+			t.Errorf("record 100 minute %d: HRV %+v; annotations %+v", (fw.StartMs-start)/60_000, got, want)
+		}
+		if windows == 1 {
+			t.Logf("record 100 minute 0: HRV features %+v; annotations %+v", got, want)
 		}
 	}
 	if windows < 29 {
 		t.Errorf("record 100: %d closed rr_interval windows, want the 29 before the last", windows)
 	}
-	t.Logf("record 100: %d rr_interval samples (%d annotated intervals); %d windows match the annotations; %s",
-		n, len(beats)-1, windows, fmt.Sprintf("%d windows carry HRV features", hrvWindows))
+	t.Logf("record 100: %d rr_interval samples (%d annotated intervals); %d 1-minute windows' count, mean and HRV match the annotations",
+		n, len(beats)-1, windows)
+}
+
+// TestWaveformHTTPToHRV posts MIT-BIH record 100 (lead MLII) in 10 s
+// chunks to POST /v1/waveforms of a platform running ingest and the stream
+// stage: the rr_interval samples on vigil.samples.v1 and the 1-minute
+// windows' count, mean and HRV features on vigil.features.v1 match the
+// annotations (checkRecord100).
+func TestWaveformHTTPToHRV(t *testing.T) {
+	mit := testenv.Dataset(t, "mitbih-100")
+	rec, err := wfdb.Open(mit, "100")
+	if err != nil {
+		t.Fatal(err)
+	}
+	sig, err := rec.ReadPhysical()
+	if err != nil {
+		t.Fatal(err)
+	}
+	addr := testenv.Kafka(t)
+	cfg := testenv.Config(t, addr, "")
+	p := newPlatform(&cliEnv{cfg: cfg, log: testenv.Logger(t), stdout: io.Discard, stderr: io.Discard})
+	if err := p.addStages(true, true, false); err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan error, 1)
+	go func() { done <- p.runner.Run(ctx) }()
+	defer func() { cancel(); <-done }()
+	url := "http://" + p.cfg.HTTP.Listen + "/v1/waveforms"
+	start := time.Date(2026, 11, 23, 10, 0, 0, 0, time.UTC).UnixMilli()
+	x := sig[0]
+	for off := 0; off < len(x); off += 3600 {
+		end := min(off+3600, len(x))
+		body, _ := json.Marshal(map[string]any{"tenant": "st-mary", "patient": "p-100", "device": "holter-1",
+			"channel": "MLII", "rate_hz": 360, "start_ms": start + int64(off)*1000/360, "values": x[off:end]})
+		resp, err := http.Post(url, "application/json", bytes.NewReader(body))
+		if err != nil {
+			t.Fatal(err)
+		}
+		out, _ := io.ReadAll(resp.Body)
+		resp.Body.Close()
+		if resp.StatusCode != http.StatusOK {
+			t.Fatalf("chunk at %d: %d %s", off, resp.StatusCode, out)
+		}
+	}
+	waitStreamCaughtUp(t, addr, cfg)
+	byKey, _ := features(t, addr, cfg)
+	checkRecord100At(t, mit, start, batchesByKey(t, addr, cfg)["st-mary/p-100"], byKey["st-mary/p-100"])
 }

@@ -21,6 +21,7 @@ func (p *platform) addWaveforms(srv *httpserver.Server, pub *publish.Publisher) 
 	if err != nil {
 		return fmt.Errorf("creating waveform processor: %w", err)
 	}
+	p.waveforms = proc
 	h, err := waveform.NewHandler(proc, pub, p.cfg.HTTP.MaxBodyBytes, p.cfg.Ingest.DeadLetterRawLimit, deps)
 	if err != nil {
 		return fmt.Errorf("creating waveform handler: %w", err)

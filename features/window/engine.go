@@ -236,6 +236,7 @@ const (
 func (e *Engine) Add(p *Patient, mi int, t int64, v float64) AddResult {
 	m := &e.metrics[mi]
 	if m.defs == 0 {
+		p.maxEvent = max(p.maxEvent, t)
 		return NotWindowed
 	}
 	k, ok := quantise(v, m.scale)
@@ -371,6 +372,49 @@ func (e *Engine) Flush(p *Patient, b *Batch, tenant, patient string) {
 	e.advanceTo(p, wm, b, tenant, patient)
 }
 
+// Touch records the event time t of a sample of a metric the spec does not
+// know, so that the patient's watermark follows every sample it sends.
+func (e *Engine) Touch(p *Patient, t int64) { p.maxEvent = max(p.maxEvent, t) }
+
+// Idle closes the windows of a patient that has sent nothing for longer
+// than the caller's idle timeout (processing time, read from the caller's
+// clock: the engine reads none). Every open window closes as with Flush;
+// then the watermark moves on to newest event time - out_of_orderness +
+// overdue, overdue being how long past the timeout the patient has been
+// silent, so that the panes kept for allowed lateness are dropped once the
+// silence outlasts it too. It appends what closes to b and reports whether
+// the watermark moved.
+func (e *Engine) Idle(p *Patient, b *Batch, tenant, patient string, overdue time.Duration) bool {
+	if p.maxEvent == noEvent || overdue < 0 {
+		return false
+	}
+	old := p.wm
+	e.Flush(p, b, tenant, patient)
+	// Move on only when that drops state: a watermark that crept on
+	// without changing anything would cost the caller a state write at
+	// every look at the patient.
+	if to := p.maxEvent - e.oooMs + overdue.Milliseconds(); to >= e.nextDrop(p) {
+		e.advanceTo(p, to, b, tenant, patient)
+	}
+	return p.wm != old
+}
+
+// nextDrop returns the lowest watermark at which advanceTo drops a pane or
+// forgets a correction of p (math.MaxInt64 when it holds neither).
+func (e *Engine) nextDrop(p *Patient) int64 {
+	at := int64(math.MaxInt64)
+	for i := range p.series {
+		s := &p.series[i]
+		if len(s.panes) > 0 {
+			at = min(at, s.panes[0].start+e.metrics[s.m].spanMs+e.lateMs)
+		}
+	}
+	for _, c := range p.corr {
+		at = min(at, c.end+e.lateMs)
+	}
+	return at
+}
+
 // Watermark returns p's watermark (math.MinInt64 before any sample).
 func (p *Patient) Watermark() int64 { return p.wm }
 
@@ -501,8 +545,19 @@ func (e *Engine) advanceTo(p *Patient, wm int64, b *Batch, tenant, patient strin
 		}
 	}
 	p.series = slices.DeleteFunc(p.series, func(s series) bool {
-		return len(s.panes) == 0 && (s.x == nil || (len(s.x.sess) == 0 && len(s.x.desat.pending) == 0 && !s.x.desat.inEvent))
+		if len(s.panes) > 0 {
+			return false
+		}
+		if s.x == nil {
+			return true
+		}
+		// An event in progress ends at the next sample anyway once
+		// max_gap has passed: forget it then.
+		d := &s.x.desat
+		eventOver := !d.inEvent || wm-d.eventLastLow > e.metrics[s.m].desat.MaxGap.Milliseconds()
+		return len(s.x.sess) == 0 && len(d.pending) == 0 && eventOver
 	})
+	p.rehave()
 	p.corr = slices.DeleteFunc(p.corr, func(c correction) bool { return c.end+e.lateMs <= wm })
 }
 

@@ -427,3 +427,24 @@ func TestStateRoundTrip(t *testing.T) {
 }
 
 func protoEqual(a, b *vigilv1.FeatureWindow) bool { return proto.Equal(a, b) }
+
+// st0 is minute-aligned: 1.8e12 ms = 30,000,000 minutes.
+const st0 = int64(1_800_000_000_000)
+
+func TestStartAlignsToEpoch(t *testing.T) {
+	cases := []struct{ t, size, want int64 }{
+		{st0, 60000, st0},
+		{st0 + 59999, 60000, st0},
+		{st0 + 60000, 60000, st0 + 60000},
+		{0, 60000, 0},
+		{-1, 60000, -60000},
+		{-60000, 60000, -60000},
+		{-60001, 60000, -120000},
+		{90_000, 30_000, 90_000},
+	}
+	for _, c := range cases {
+		if got := Start(c.t, c.size); got != c.want {
+			t.Errorf("Start(%d, %d) = %d, want %d", c.t, c.size, got, c.want)
+		}
+	}
+}

@@ -145,6 +145,8 @@ func (s *Spec) Validate() error {
 		}
 	}
 	names := map[string]bool{}
+	// The features table identifies a window by kind, size and step.
+	shapes := map[string]string{}
 	sessions := map[string]string{}
 	for i, w := range s.Windows {
 		f := fmt.Sprintf("windows[%d]", i)
@@ -179,6 +181,13 @@ func (s *Spec) Validate() error {
 			}
 		default:
 			bad(f+".kind", "%q is not tumbling, hopping or session", w.Kind)
+		}
+		if w.Kind == "tumbling" || w.Kind == "hopping" {
+			shape := fmt.Sprintf("%s size %s step %s", w.Kind, w.Size, w.Step)
+			if other, dup := shapes[shape]; dup {
+				bad(f, "has the kind, size and step of window %s (merge their metrics into one window)", other)
+			}
+			shapes[shape] = w.Name
 		}
 		if len(w.Metrics) == 0 {
 			bad(f+".metrics", "must not be empty")

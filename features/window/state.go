@@ -14,6 +14,7 @@ import (
 type Patient struct {
 	wm, maxEvent int64
 	series       []series // sorted by metric index
+	have         uint64   // bit i: series holds metric index i
 	pending      []pendingWin
 	corr         []correction
 	// sessEnd is a lower bound of the end of the open sessions.
@@ -98,16 +99,36 @@ type desatState struct {
 	eventStart, eventLastLow int64
 }
 
+// seriesFor returns the series of metric index mi, inserting it. The
+// series are sorted by metric index and have marks which are present, so
+// the index of mi is the count of present metrics below it.
 func (p *Patient) seriesFor(mi int, withExtra bool) *series {
-	i, found := slices.BinarySearchFunc(p.series, uint8(mi), func(s series, m uint8) int { return int(s.m) - int(m) })
-	if !found {
+	bit := uint64(1) << uint(mi)
+	i := bits.OnesCount64(p.have & (bit - 1))
+	if p.have&bit == 0 {
+		if len(p.series) == cap(p.series) {
+			// Grown one at a time: a patient has a handful of metrics,
+			// and doubling would leave up to half the slice unused.
+			grown := make([]series, len(p.series), len(p.series)+1)
+			copy(grown, p.series)
+			p.series = grown
+		}
 		p.series = slices.Insert(p.series, i, series{m: uint8(mi)})
+		p.have |= bit
 	}
 	s := &p.series[i]
 	if withExtra && s.x == nil {
 		s.x = &extra{}
 	}
 	return s
+}
+
+// rehave recomputes have after series were removed.
+func (p *Patient) rehave() {
+	p.have = 0
+	for i := range p.series {
+		p.have |= 1 << p.series[i].m
+	}
 }
 
 // paneIndex returns the index of the pane starting at ps, inserting it.
@@ -143,7 +164,7 @@ func (s *series) addAt(j int, t int64, k int32) {
 	p.acc(t-p.start, t-p.start, k)
 	lo, hi := int(p.off), int(p.off)+int(p.nr)
 	r := s.runs[lo:hi]
-	i, found := slices.BinarySearchFunc(r, k, func(x run, k int32) int { return int(x.k) - int(k) })
+	i, found := searchRuns(r, k)
 	if found {
 		r[i].c++
 		return
@@ -153,6 +174,21 @@ func (s *series) addAt(j int, t int64, k int32) {
 	for q := j + 1; q < len(s.panes); q++ {
 		s.panes[q].off++
 	}
+}
+
+// searchRuns returns the position of key k in sorted runs and whether it
+// is there. A pane holds a few distinct values (vitals move by a few units
+// a minute): a linear scan beats a binary search up to a dozen or so.
+func searchRuns(r []run, k int32) (int, bool) {
+	if len(r) > 16 {
+		return slices.BinarySearchFunc(r, k, func(x run, k int32) int { return cmpI64(int64(x.k), int64(k)) })
+	}
+	for i := range r {
+		if r[i].k >= k {
+			return i, r[i].k == k
+		}
+	}
+	return len(r), false
 }
 
 // acc adds key k at offset off (ms from start; x is off in the pane's x

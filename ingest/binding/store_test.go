@@ -363,3 +363,38 @@ func TestWriteErrorsClassified(t *testing.T) {
 		t.Errorf("admit on a closed store: %v (retriable %v), want retriable ErrClosed", err, IsRetriable(err))
 	}
 }
+
+// BenchmarkResolve measures the look-up every sample without a patient
+// makes (in parallel, as the ingest paths do), over 1,000 devices with 8
+// intervals each, reporting lookups/s.
+func BenchmarkResolve(b *testing.B) {
+	cfg := testenv.Config(b, testenv.Kafka(b), "")
+	s := startStore(b, cfg, nil)
+	const devices, intervals = 1000, 8
+	t0 := ms("2026-11-23T00:00:00Z")
+	for d := range devices {
+		ivs := make([]Interval, intervals)
+		for i := range ivs {
+			ivs[i] = Interval{Patient: fmt.Sprintf("p-%d-%d", d, i), FromMs: t0 + int64(i)*3600_000, ToMs: t0 + int64(i+1)*3600_000}
+		}
+		s.index[devKey{"h", fmt.Sprintf("dev-%d", d)}] = ivs // filled directly: the benchmark is the look-up
+	}
+	names := make([]string, devices)
+	for d := range names {
+		names[d] = fmt.Sprintf("dev-%d", d)
+	}
+	b.ResetTimer()
+	start := time.Now()
+	b.RunParallel(func(pb *testing.PB) {
+		i := 0
+		for pb.Next() {
+			at := t0 + int64(i%intervals)*3600_000 + 1800_000
+			if _, ok := s.Resolve("h", names[i%devices], at); !ok {
+				b.Error("miss")
+				return
+			}
+			i++
+		}
+	})
+	b.ReportMetric(float64(b.N)/time.Since(start).Seconds(), "lookups/s")
+}

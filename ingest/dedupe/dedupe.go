@@ -3,19 +3,27 @@
 // message control id), as senders do when they retry after a lost answer.
 //
 // A Filter remembers keys for a window, bounded in memory: past maxEntries
-// it forgets the oldest keys (counted as evictions), so a flood of distinct
-// keys costs a bounded amount of memory and only shortens how far back
-// duplicates are caught.
+// it forgets the oldest entries (counted as evictions), so a flood of
+// distinct keys costs a bounded amount of memory and only shortens how far
+// back duplicates are caught.
 //
-// It is hand-written rather than an LRU library: entries expire by
-// insertion time, not by use, so no per-hit reordering is needed, and the
-// hot path (a check and an insert per sample, at hundreds of thousands per
-// second) must not delete from a large map (Go maps then probe through
-// tombstones). Each of 16 shards keeps two generations of at most
-// maxEntries/32 keys: inserts go to the current one; when it is full, or a
-// window old, it becomes the previous one and the previous one is dropped
-// whole. A key is remembered for at least the window unless the filter is
-// full; a full filter still remembers the newest maxEntries/2 keys at least.
+// It is hand-written rather than an LRU library, for the hot path (a check
+// and an insert per sample, hundreds of thousands per second):
+//   - entries expire by insertion time, not by use, so no per-hit
+//     reordering is needed;
+//   - it never deletes from a large map (Go maps then probe through
+//     tombstones): each of 16 shards keeps two generations of at most
+//     maxEntries/32 entries; inserts go to the current one; when it is
+//     full, or a window old, it becomes the previous one and the previous
+//     one is dropped whole. An entry is remembered for at least the window
+//     unless the filter is full; a full filter still remembers its newest
+//     maxEntries/2 entries at least;
+//   - keys are stored as 128-bit hashes (Key), without pointers, so that
+//     the garbage collector does not scan a million of them;
+//   - a device's sequence numbers share one entry per block of 64
+//     consecutive numbers (a Ref: the block's Key and the number's bit), so
+//     a gateway's batch of 1000 consecutive samples touches about 16 map
+//     entries, which stay in the CPU cache, instead of 1000 scattered ones.
 package dedupe
 
 import (
@@ -36,11 +44,18 @@ const shards = 16
 
 // Key is the fixed-size form of a key: a 128-bit hash under the Filter's
 // random seeds. Filters store Keys rather than the key bytes, so that a
-// million remembered keys hold no pointers (the garbage collector does not
-// scan them) and need no allocation; two distinct keys share a Key with
-// probability 2^-128, and the random seeds keep senders from choosing keys
-// that collide.
+// million remembered keys hold no pointers and need no allocation; two
+// distinct keys share a Key with probability 2^-128, and the random seeds
+// keep senders from choosing keys that collide.
 type Key [2]uint64
+
+// Ref names what a Filter remembers: the entry Key and bits of it. A
+// message key is one entry with bit 0 (Bits 1); a sample's sequence number
+// is one bit of the entry of its block of 64 (see SampleRef).
+type Ref struct {
+	Key  Key
+	Bits uint64
+}
 
 // Filter is a bounded, windowed set of recently seen keys. It is safe for
 // concurrent use; no call blocks beyond a short lock.
@@ -48,25 +63,30 @@ type Filter struct {
 	window time.Duration
 	clock  clock.Clock
 	seeds  [2]maphash.Seed
-	genMax int // keys per generation of a shard
+	genMax int // entries per generation of a shard
 	shard  [shards]shard
 
 	evictedN atomic.Uint64
 }
 
-// shard is two generations of keys, each mapping a key to its insertion
-// time (unix nanos).
+// entry is the bits a key holds and when they were last added (unix nanos).
+type entry struct {
+	at   int64
+	bits uint64
+}
+
+// shard is two generations of entries.
 type shard struct {
 	mu        sync.Mutex
-	cur, prev map[Key]int64
+	cur, prev map[Key]entry
 	// curStart is when cur was started; curNewest and prevNewest are
 	// the newest insertion times in cur and prev.
 	curStart, curNewest, prevNewest int64
 }
 
-// New returns a Filter remembering keys for window, at most maxEntries of
-// them (at least 32), timed by clk (nil: system clock). Its memory, about
-// 40 bytes per key, is taken as keys arrive.
+// New returns a Filter remembering keys for window, at most maxEntries
+// entries (at least 32), timed by clk (nil: system clock). Its memory,
+// about 50 bytes per entry, is taken as entries arrive.
 func New(window time.Duration, maxEntries int, clk clock.Clock) *Filter {
 	if clk == nil {
 		clk = clock.System{}
@@ -75,7 +95,7 @@ func New(window time.Duration, maxEntries int, clk clock.Clock) *Filter {
 		genMax: max(maxEntries/(2*shards), 1)}
 	now := clk.Now().UnixNano()
 	for i := range f.shard {
-		f.shard[i] = shard{cur: map[Key]int64{}, prev: map[Key]int64{}, curStart: now}
+		f.shard[i] = shard{cur: map[Key]entry{}, prev: map[Key]entry{}, curStart: now}
 	}
 	return f
 }
@@ -88,10 +108,10 @@ func (f *Filter) Register(reg prometheus.Registerer, name string) error {
 	labels := prometheus.Labels{"filter": name}
 	return stage.Register(reg, "dedupe metrics",
 		prometheus.NewCounterFunc(prometheus.CounterOpts{Name: "vigil_ingest_dedupe_evictions_total", ConstLabels: labels,
-			Help: "Keys dropped from a duplicate filter before their window ended, because it was full (duplicates older than the evicted keys are no longer caught)."},
+			Help: "Entries (a message key, or a block of 64 sequence numbers of a device) dropped from a duplicate filter before their window ended, because it was full: duplicates older than them are no longer caught."},
 			func() float64 { return float64(f.evictedN.Load()) }),
 		prometheus.NewGaugeFunc(prometheus.GaugeOpts{Name: "vigil_ingest_dedupe_keys", ConstLabels: labels,
-			Help: "Keys a duplicate filter remembers (expired ones are dropped a window at a time)."},
+			Help: "Entries a duplicate filter remembers (a message key, or a block of 64 sequence numbers of a device; expired ones are dropped a window at a time)."},
 			func() float64 { return float64(f.Len()) }))
 }
 
@@ -99,6 +119,17 @@ func (f *Filter) Register(reg prometheus.Registerer, name string) error {
 // allocate; key is not retained.
 func (f *Filter) Key(key []byte) Key {
 	return Key{maphash.Bytes(f.seeds[0], key), maphash.Bytes(f.seeds[1], key)}
+}
+
+// SampleRef returns the Ref of a sample's (tenant, device, sequence): the
+// Key of its block of 64 consecutive sequence numbers and its bit. buf is
+// scratch space, returned for reuse; nothing is retained.
+func (f *Filter) SampleRef(buf []byte, tenant, device string, seq uint64) (Ref, []byte) {
+	buf = append(buf[:0], 'b', 0)
+	buf = append(append(buf, tenant...), 0)
+	buf = append(append(buf, device...), 0)
+	buf = strconv.AppendUint(buf, seq>>6, 10)
+	return Ref{Key: f.Key(buf), Bits: 1 << (seq & 63)}, buf
 }
 
 // Seen reports whether key was recorded within the window; if not, it
@@ -109,14 +140,15 @@ func (f *Filter) Seen(key []byte) bool { return f.SeenKey(f.Key(key)) }
 
 // SeenKey is Seen for a Key made by f.Key.
 func (f *Filter) SeenKey(k Key) bool {
+	r := Ref{Key: k, Bits: 1}
 	now := f.clock.Now().UnixNano()
 	s := f.shardOf(k)
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	if f.containsLocked(s, k, now) {
+	if f.containsLocked(s, r, now) {
 		return true
 	}
-	f.addLocked(s, k, now)
+	f.addLocked(s, r, now)
 	return false
 }
 
@@ -126,10 +158,11 @@ func (f *Filter) Contains(key []byte) bool { return f.ContainsKey(f.Key(key)) }
 
 // ContainsKey is Contains for a Key made by f.Key.
 func (f *Filter) ContainsKey(k Key) bool {
+	r := Ref{Key: k, Bits: 1}
 	now := f.clock.Now().UnixNano()
 	s := f.shardOf(k)
 	s.mu.Lock()
-	ok := f.containsLocked(s, k, now)
+	ok := f.containsLocked(s, r, now)
 	s.mu.Unlock()
 	return ok
 }
@@ -139,51 +172,110 @@ func (f *Filter) Add(key []byte) { f.AddKey(f.Key(key)) }
 
 // AddKey is Add for a Key made by f.Key.
 func (f *Filter) AddKey(k Key) {
+	r := Ref{Key: k, Bits: 1}
 	now := f.clock.Now().UnixNano()
 	s := f.shardOf(k)
 	s.mu.Lock()
-	f.addLocked(s, k, now)
+	f.addLocked(s, r, now)
 	s.mu.Unlock()
+}
+
+// ContainsRefs appends to found, for each of refs, whether all its bits
+// were recorded within the window, and returns found. It takes each
+// shard's lock once, so a request's samples cost one clock reading and at
+// most 16 lock round trips.
+func (f *Filter) ContainsRefs(refs []Ref, found []bool) []bool {
+	now := f.clock.Now().UnixNano()
+	start := len(found)
+	found = append(found, make([]bool, len(refs))...)
+	res := found[start:]
+	f.eachShard(refs, func(s *shard, i int) { res[i] = f.containsLocked(s, refs[i], now) })
+	return found
+}
+
+// AddRefs records refs as seen now, taking each shard's lock once.
+func (f *Filter) AddRefs(refs []Ref) {
+	now := f.clock.Now().UnixNano()
+	f.eachShard(refs, func(s *shard, i int) { f.addLocked(s, refs[i], now) })
+}
+
+// eachShard calls fn for each ref index, grouped by shard, with the shard's
+// lock held.
+func (f *Filter) eachShard(refs []Ref, fn func(s *shard, i int)) {
+	if len(refs) == 1 {
+		s := f.shardOf(refs[0].Key)
+		s.mu.Lock()
+		fn(s, 0)
+		s.mu.Unlock()
+		return
+	}
+	for sh := range f.shard {
+		s := &f.shard[sh]
+		locked := false
+		for i := range refs {
+			if int(refs[i].Key[1]&(shards-1)) != sh {
+				continue
+			}
+			if !locked {
+				s.mu.Lock()
+				locked = true
+			}
+			fn(s, i)
+		}
+		if locked {
+			s.mu.Unlock()
+		}
+	}
 }
 
 func (f *Filter) shardOf(k Key) *shard { return &f.shard[k[1]&(shards-1)] }
 
-func (f *Filter) containsLocked(s *shard, k Key, now int64) bool {
-	if at, ok := s.cur[k]; ok {
-		return now-at < int64(f.window)
+// containsLocked reports whether r's bits are recorded within the window,
+// in either generation.
+func (f *Filter) containsLocked(s *shard, r Ref, now int64) bool {
+	w := int64(f.window)
+	var bits uint64
+	if e, ok := s.cur[r.Key]; ok && now-e.at < w {
+		bits = e.bits
 	}
-	at, ok := s.prev[k]
-	return ok && now-at < int64(f.window)
-}
-
-func (f *Filter) addLocked(s *shard, k Key, now int64) {
-	f.expireLocked(s, now)
-	if len(s.cur) >= f.genMax {
-		if _, again := s.cur[k]; !again {
-			// Full: the previous generation goes, its keys still
-			// inside the window counted as evicted.
-			n := 0
-			if s.prevNewest > now-int64(f.window) {
-				for _, at := range s.prev {
-					if now-at < int64(f.window) {
-						n++
-					}
-				}
-			}
-			f.evictedN.Add(uint64(n))
-			s.rotate(now)
+	if bits&r.Bits != r.Bits {
+		if e, ok := s.prev[r.Key]; ok && now-e.at < w {
+			bits |= e.bits
 		}
 	}
-	s.cur[k] = now
+	return bits&r.Bits == r.Bits
+}
+
+func (f *Filter) addLocked(s *shard, r Ref, now int64) {
+	f.expireLocked(s, now)
+	e, ok := s.cur[r.Key]
+	if !ok && len(s.cur) >= f.genMax {
+		// Full: the previous generation goes, its entries still inside
+		// the window counted as evicted.
+		n := 0
+		if now-s.prevNewest < int64(f.window) {
+			for _, pe := range s.prev {
+				if now-pe.at < int64(f.window) {
+					n++
+				}
+			}
+		}
+		f.evictedN.Add(uint64(n))
+		s.rotate(now)
+	}
+	if ok && now-e.at >= int64(f.window) {
+		e.bits = 0 // expired bits do not come back
+	}
+	s.cur[r.Key] = entry{at: now, bits: e.bits | r.Bits}
 	s.curNewest = max(s.curNewest, now)
 }
 
-// expireLocked drops the generations whose keys are all older than the
+// expireLocked drops the generations whose entries are all older than the
 // window.
 func (f *Filter) expireLocked(s *shard, now int64) {
 	w := int64(f.window)
 	if now-s.curStart >= w && len(s.cur) > 0 {
-		// Every key of prev is older than cur's start: expired.
+		// Every entry of prev is older than cur's start: expired.
 		s.rotate(now)
 	}
 	if len(s.prev) > 0 && now-s.prevNewest >= w {
@@ -199,8 +291,9 @@ func (s *shard) rotate(now int64) {
 	s.curStart, s.prevNewest, s.curNewest = now, s.curNewest, 0
 }
 
-// Len returns the number of keys remembered (it drops expired generations
-// first; keys of a generation still in force may have expired).
+// Len returns the number of entries remembered (it drops expired
+// generations first; entries of a generation still in force may have
+// expired).
 func (f *Filter) Len() int {
 	now := f.clock.Now().UnixNano()
 	n := 0
@@ -214,11 +307,12 @@ func (f *Filter) Len() int {
 	return n
 }
 
-// Evicted returns how many keys were evicted early because the filter was
-// full.
+// Evicted returns how many entries were evicted early because the filter
+// was full.
 func (f *Filter) Evicted() uint64 { return f.evictedN.Load() }
 
-// SampleKey is the key of a sample: tenant, device and device sequence.
+// SampleKey is the key of a sample: tenant, device and device sequence (for
+// Seen/Contains/Add; SampleRef is the cheaper form for many samples).
 func SampleKey(buf []byte, tenant, device string, seq uint64) []byte {
 	buf = append(buf, 's', 0)
 	buf = append(append(buf, tenant...), 0)

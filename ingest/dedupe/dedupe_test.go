@@ -12,8 +12,6 @@ import (
 	"github.com/vigilhealth/vigil/internal/clock"
 )
 
-func key(s string) []byte { return []byte(s) }
-
 func TestSeenWithinWindow(t *testing.T) {
 	clk := clock.NewManual(time.Unix(1_700_000_000, 0))
 	f := New(time.Minute, 1000, clk)
@@ -206,4 +204,60 @@ func BenchmarkSeen(b *testing.B) {
 		}
 	})
 	b.ReportMetric(float64(b.N)/time.Since(start).Seconds(), "keys/s")
+}
+
+// TestSampleRefs: the sequence numbers of a device share an entry per
+// block of 64, yet each is remembered on its own; batch calls answer per
+// ref, in the order given.
+func TestSampleRefs(t *testing.T) {
+	clk := clock.NewManual(time.Unix(1_700_000_000, 0))
+	f := New(time.Minute, 1<<16, clk)
+	var buf []byte
+	ref := func(device string, seq uint64) Ref {
+		var r Ref
+		r, buf = f.SampleRef(buf, "icu", device, seq)
+		return r
+	}
+	var even, all []Ref
+	for seq := uint64(1000); seq < 2000; seq++ {
+		all = append(all, ref("gw-1", seq))
+		if seq%2 == 0 {
+			even = append(even, ref("gw-1", seq))
+		}
+	}
+	f.AddRefs(even)
+	f.AddRefs([]Ref{ref("gw-1", 1001)}) // a batch of one
+	if n := f.Len(); n != 17 {
+		t.Errorf("sequence numbers 1000-1999 take %d entries, want 17 (blocks 15 to 31 of 64)", n)
+	}
+	found := f.ContainsRefs(all, []bool{true})
+	if len(found) != len(all)+1 || !found[0] {
+		t.Fatalf("ContainsRefs did not append to found: len %d", len(found))
+	}
+	for i, ok := range found[1:] {
+		seq := 1000 + i
+		if want := seq%2 == 0 || seq == 1001; ok != want {
+			t.Fatalf("sequence %d: found %v, want %v", seq, ok, want)
+		}
+	}
+	for _, r := range []Ref{ref("gw-2", 1000), ref("gw-1", 1000+64*1000), ref("gw-1", 999)} {
+		if f.ContainsRefs([]Ref{r}, nil)[0] {
+			t.Errorf("ref %v of another device or block was found", r)
+		}
+	}
+	// Message keys and sample blocks do not mix.
+	if f.Contains(SampleKey(nil, "icu", "gw-1", 1000/64)) {
+		t.Error("a sample key matched a block entry")
+	}
+	clk.Advance(time.Minute)
+	for i, ok := range f.ContainsRefs(all, nil) {
+		if ok {
+			t.Fatalf("ref %d still found after the window", i)
+		}
+	}
+	// A block re-used after its window starts empty.
+	f.AddRefs([]Ref{ref("gw-1", 1002)})
+	if f.ContainsRefs([]Ref{ref("gw-1", 1000)}, nil)[0] {
+		t.Error("an expired sequence number came back with its block")
+	}
 }

@@ -34,5 +34,6 @@
 //     are absent_value;
 //   - every sample then goes through ingest/validate (units, ranges, time).
 //
-// ADT A01/A02/A03/A04/A08/A11/A12/A13 become binding changes (DecodeADT).
+// ADT A01/A02/A03/A04/A08/A11/A12/A13 become binding.ADTEvents (DecodeADT)
+// for ingest/binding's Store.ApplyADT.
 package hl7

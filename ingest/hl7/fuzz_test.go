@@ -15,9 +15,11 @@ func FuzzHL7Parse(f *testing.F) {
 		f.Add(b)
 	}
 	f.Add([]byte(pcdSample))
+	f.Add([]byte(pcdWaveform))
 	f.Add([]byte("MSH|^~\\&|a|b|c|d|20240101||ORU^R01|1|P|2.5\rOBX|1|SN|150456^^MDC||>^5|\\X0\\|||||F|||2024\r"))
 	f.Add([]byte("MSH#*!$%#\rPID###a*b!c%d\r"))
 	dec := testDecoder(mapping.Default())
+	dec.Waveforms = true
 	now := time.Date(2024, 1, 1, 0, 0, 0, 0, time.UTC).UnixMilli()
 	f.Fuzz(func(t *testing.T, data []byte) {
 		m, err := Parse(data)
@@ -43,10 +45,10 @@ func FuzzHL7Parse(f *testing.F) {
 		}
 		h := ReadHeader(m)
 		res := dec.DecodeORU(m, Env{Tenant: "t", NowMs: now})
-		if res.Samples > m.Len() {
+		if res.Samples+len(res.Waveforms) > m.Len() {
 			t.Fatalf("%d samples from %d segments", res.Samples, m.Len())
 		}
-		_, _ = DecodeADT(m, h.Trigger, nil, now)
+		_, _ = DecodeADT(m, h.Trigger, nil, now) // must not panic
 		ack := BuildACK(nil, h, AR, res.Issues, time.Unix(0, 0), "x")
 		if len(ack) > 64<<10+4*len(data) {
 			t.Fatalf("ack of %d bytes for %d input bytes", len(ack), len(data))

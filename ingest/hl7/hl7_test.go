@@ -260,6 +260,18 @@ func TestDatasetORUAgainstExpectedFHIR(t *testing.T) {
 		{"ORU-R01-RMGEAD.hl7", "ORU-R01-RMGEAD", mapping.Default(), 0},
 		{"ORU-R01-RMGEAD.hl7", "ORU-R01-RMGEAD", localCodes{mapping.Default()}, 1},
 	}
+	// Every ORU^R01 of the data set is compared.
+	covered := map[string]bool{}
+	for _, c := range cases {
+		covered[c.file] = true
+	}
+	for name, b := range msgs {
+		if m, err := Parse(b); err == nil {
+			if h := ReadHeader(m); h.Type == "ORU" && h.Trigger == "R01" && !covered[name] {
+				t.Errorf("%s is an ORU^R01 without a case here", name)
+			}
+		}
+	}
 	for _, c := range cases {
 		t.Run(c.file, func(t *testing.T) {
 			m, err := Parse(msgs[c.file])
@@ -281,8 +293,12 @@ func TestDatasetORUAgainstExpectedFHIR(t *testing.T) {
 					byCode[code] = append(byCode[code], s)
 				}
 			}
+			read := map[int]Observation{}
+			for _, o := range testDecoder(c.codes).ReadObservations(m) {
+				read[o.Sequence] = o
+			}
 			used := map[string]int{}
-			mapped, numeric := 0, 0
+			mapped, numeric, compared := 0, 0, 0
 			for _, o := range expectedObservations(t, c.expected) {
 				code := o.Code.Coding[0].Code
 				k := used[code]
@@ -304,6 +320,35 @@ func TestDatasetORUAgainstExpectedFHIR(t *testing.T) {
 					continue
 				}
 				numeric++
+				// What Vigil reads from the OBX, mapped or not, is what
+				// the FHIR Observation says.
+				obs := read[n]
+				unit := o.ValueQuantity.Code
+				if unit == "" {
+					unit = o.ValueQuantity.Unit
+				}
+				var wantMs int64
+				if o.EffectiveDateTime != "" {
+					w, err := time.Parse(time.RFC3339, o.EffectiveDateTime)
+					if err != nil {
+						t.Fatal(err)
+					}
+					wantMs = w.UnixMilli()
+				} else {
+					// No OBX-14: the FHIR converter leaves the
+					// effective time out, Vigil takes OBR-7.
+					obr, _ := m.First("OBR")
+					wantMs, err = ParseTime(obr.Field(7).Raw(), nil)
+					if err != nil {
+						t.Fatal(err)
+					}
+				}
+				if obs.Code != code || !obs.Numeric || math.Abs(obs.Value-o.ValueQuantity.Value) > 1e-9 ||
+					!strings.EqualFold(obs.Unit, unit) || !obs.TimeOK || obs.TimeMs != wantMs {
+					t.Errorf("OBX[%d] read as %+v, want code %s value %v unit %q time %s", n, obs, code, o.ValueQuantity.Value,
+						unit, time.UnixMilli(wantMs).UTC())
+				}
+				compared++
 				is, refused := issues[n]
 				metric, maps := "", false
 				sys := codeSystem(obx.Field(3).Component(3).String())
@@ -339,36 +384,17 @@ func TestDatasetORUAgainstExpectedFHIR(t *testing.T) {
 				if math.Abs(got.Value-o.ValueQuantity.Value) > 1e-9 {
 					t.Errorf("OBX[%d] %s: value %v, want %v", n, code, got.Value, o.ValueQuantity.Value)
 				}
-				unit := o.ValueQuantity.Code
-				if unit == "" {
-					unit = o.ValueQuantity.Unit
-				}
 				if !strings.EqualFold(got.Unit, unit) {
 					t.Errorf("OBX[%d] %s: unit %q, want %q", n, code, got.Unit, unit)
-				}
-				var wantMs int64
-				if o.EffectiveDateTime != "" {
-					w, err := time.Parse(time.RFC3339, o.EffectiveDateTime)
-					if err != nil {
-						t.Fatal(err)
-					}
-					wantMs = w.UnixMilli()
-				} else {
-					// No OBX-14: the FHIR converter leaves the
-					// effective time out, Vigil takes OBR-7.
-					obr, _ := m.First("OBR")
-					wantMs, err = ParseTime(obr.Field(7).Raw(), nil)
-					if err != nil {
-						t.Fatal(err)
-					}
 				}
 				if got.EventTimeMs != wantMs {
 					t.Errorf("OBX[%d] %s: time %s, want %s", n, code, time.UnixMilli(got.EventTimeMs).UTC(), time.UnixMilli(wantMs).UTC())
 				}
 			}
-			if numeric == 0 && c.expected != "ORU-R01-01" {
-				t.Error("no numeric Observation compared")
+			if (numeric == 0 || compared != numeric) && c.expected != "ORU-R01-01" {
+				t.Errorf("%d of %d numeric Observations compared", compared, numeric)
 			}
+			t.Logf("%s: %d numeric Observations agree on code, value, unit and time; %d mapped onto Vigil metrics", c.file, compared, mapped)
 			if mapped != c.wantMapped {
 				t.Errorf("%d Observations mapped onto Vigil metrics, want %d", mapped, c.wantMapped)
 			}

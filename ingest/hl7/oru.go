@@ -8,7 +8,6 @@ import (
 	"github.com/vigilhealth/vigil/ingest/binding"
 	"github.com/vigilhealth/vigil/ingest/mapping"
 	"github.com/vigilhealth/vigil/ingest/validate"
-	"github.com/vigilhealth/vigil/ingest/waveform"
 	vigilv1 "github.com/vigilhealth/vigil/proto/vigil/v1"
 )
 
@@ -33,7 +32,8 @@ type Decoder struct {
 	// nil).
 	Zone *time.Location
 	// Waveforms makes NA observations (sampled waveforms) into
-	// waveform.Chunks; without it they are refused as unsupported_value.
+	// waveform chunks (see Waveform); without it they are refused as
+	// unsupported_value.
 	Waveforms bool
 }
 
@@ -57,8 +57,9 @@ type Result struct {
 	// patient could not be resolved (reason unbound_device, carrying the
 	// batch for a later re-drive).
 	Letters []*vigilv1.DeadLetter
-	// Chunks are waveform chunks (only with Decoder.Waveforms).
-	Chunks []*waveform.Chunk
+	// Waveforms are the NA observations made into waveform chunks (only
+	// with Decoder.Waveforms), for the waveform Sink.
+	Waveforms []Waveform
 	// Issues locate every refusal for the ACK's ERR segments.
 	Issues []Issue
 	// Samples counts the accepted samples (including unbound ones, which
@@ -100,9 +101,14 @@ type oruState struct {
 	// keyed by the first part of its OBX-4 (the MDS number of PCD-01's
 	// MDS.VMD.CHAN.METRIC sub-id).
 	mdsDevice map[string]string
-	rateHz    float64
-	batches   map[batchKey]*vigilv1.SampleBatch
-	order     []batchKey
+	// rates are the sample rates (Hz) given by MDC_ATTR_SAMP_RATE /
+	// MDC_ATTR_TIME_PD_SAMP observations, by the OBX-4 they apply to.
+	rates map[string]float64
+	// anyRate is the message's only sample rate (0 when none or several
+	// different ones).
+	anyRate float64
+	batches map[batchKey]*vigilv1.SampleBatch
+	order   []batchKey
 }
 
 // DecodeORU decodes an ORU^R01 message: every OBX of type NM or numeric SN
@@ -112,6 +118,9 @@ type oruState struct {
 func (d *Decoder) DecodeORU(m *Message, env Env) *Result {
 	s := &oruState{d: d, env: env, m: m, h: ReadHeader(m), res: &Result{}, mdsDevice: map[string]string{},
 		batches: map[batchKey]*vigilv1.SampleBatch{}}
+	if d.Waveforms {
+		s.collectRates()
+	}
 	if t, err := ParseTime(s.h.TimeRaw, d.Zone); err == nil {
 		s.mshTime, s.mshOK = t, true
 	}
@@ -132,7 +141,6 @@ func (d *Decoder) DecodeORU(m *Message, env Env) *Result {
 					s.obrTime, s.obrOK = t, true
 				}
 			}
-			s.rateHz = 0
 		case seg.Is("OBX"):
 			s.obx(seg)
 		}
@@ -183,11 +191,8 @@ func (s *oruState) obx(seg Segment) {
 		return // a containment row (MDS, VMD, channel): names the device only
 	}
 	code := seg.Field(3)
-	if strings.Contains(code.Component(2).String(), "MDC_ATTR_SAMP_RATE") {
-		if v, ok := ParseNumber(val.Raw()); ok && v > 0 {
-			s.rateHz = v
-		}
-		return
+	if isRateAttr(code) {
+		return // read by collectRates: describes a waveform, no sample
 	}
 	if dev == "" {
 		dev = s.mdsDevice[mds]
@@ -220,6 +225,10 @@ func (s *oruState) obx(seg Segment) {
 		}
 		return
 	}
+	if vt == "NA" || vt == "MA" {
+		s.waveformOBX(seg, n, dev, subID)
+		return
+	}
 	metric, srcCode, iss := s.mapCode(code)
 	if iss != nil {
 		s.refuseOBX(seg, n, 3, iss.Reason, iss.Code, dev, iss.Message)
@@ -232,10 +241,6 @@ func (s *oruState) obx(seg Segment) {
 	unit, uiss := s.mapUnit(seg.Field(6))
 	if uiss != nil {
 		s.refuseOBX(seg, n, 6, uiss.Reason, uiss.Code, dev, uiss.Message)
-		return
-	}
-	if vt == "NA" || vt == "MA" {
-		s.waveformOBX(seg, n, dev, subID, metric, unit, t)
 		return
 	}
 	if val.Empty() {
@@ -333,25 +338,40 @@ func (s *oruState) timeSeq(f int) int {
 	return 1
 }
 
-// eventTime takes OBX-14, else OBR-7, else MSH-7.
+// eventTime takes OBX-14, else OBR-7, else MSH-7; it refuses the OBX when
+// there is none.
 func (s *oruState) eventTime(seg Segment) (int64, int, bool) {
+	t, field, err := s.obsTime(seg)
+	switch {
+	case err != nil:
+		s.refuseOBX(seg, seg.Occurrence(), 14, validate.InvalidTime, CodeDataType, s.h.SendingFacility, err.Error())
+		return 0, 14, false
+	case field == 0:
+		s.refuseOBX(seg, seg.Occurrence(), 14, validate.InvalidTime, CodeRequiredMissing, s.h.SendingFacility,
+			"no valid observation time: OBX-14, OBR-7 and MSH-7 are empty or invalid")
+		return 0, 14, false
+	}
+	return t, field, true
+}
+
+// obsTime is the time of an OBX: OBX-14 (field 14, or an error when it is
+// invalid), else OBR-7 (timeOBR7), else MSH-7 (timeMSH7), else none
+// (field 0).
+func (s *oruState) obsTime(seg Segment) (int64, int, error) {
 	if f := seg.Field(14); !f.Empty() {
 		t, err := ParseTime(f.Raw(), s.d.Zone)
 		if err != nil {
-			s.refuseOBX(seg, seg.Occurrence(), 14, validate.InvalidTime, CodeDataType, s.h.SendingFacility, err.Error())
-			return 0, 14, false
+			return 0, 14, err
 		}
-		return t, 14, true
+		return t, 14, nil
 	}
 	if s.obrOK {
-		return s.obrTime, timeOBR7, true
+		return s.obrTime, timeOBR7, nil
 	}
 	if s.mshOK {
-		return s.mshTime, timeMSH7, true
+		return s.mshTime, timeMSH7, nil
 	}
-	s.refuseOBX(seg, seg.Occurrence(), 14, validate.InvalidTime, CodeRequiredMissing, s.h.SendingFacility,
-		"no valid observation time: OBX-14, OBR-7 and MSH-7 are empty or invalid")
-	return 0, 14, false
+	return 0, 0, nil
 }
 
 // structuredNumber reads an SN (comparator ^ num1 ^ separator ^ num2) that is
@@ -469,46 +489,6 @@ func (s *oruState) mapUnit(f Field) (string, *Issue) {
 		return u, nil
 	}
 	return code, nil
-}
-
-func (s *oruState) waveformOBX(seg Segment, n int, dev, channel, metric, unit string, t int64) {
-	val := seg.Field(5)
-	if s.rateHz <= 0 {
-		s.refuseOBX(seg, n, 5, validate.UnsupportedValue, CodeRequiredMissing, dev, "waveform without a sample rate (no MDC_ATTR_SAMP_RATE observation before it)")
-		return
-	}
-	raw := val.Rep(0).Raw()
-	vals := make([]float64, 0, 64)
-	for len(raw) > 0 {
-		if len(vals) == MaxWaveformValues {
-			s.refuseOBX(seg, n, 5, validate.TooManySamples, CodeDataType, dev, fmt.Sprintf("waveform has more than %d values", MaxWaveformValues))
-			return
-		}
-		part := raw
-		if i := indexByte(raw, s.m.Delims.Component); i >= 0 {
-			part, raw = raw[:i], raw[i+1:]
-		} else {
-			raw = nil
-		}
-		v, ok := ParseNumber(part)
-		if !ok {
-			s.refuseOBX(seg, n, 5, validate.InvalidType, CodeDataType, dev, fmt.Sprintf("waveform value %q is not a number", clipBytes(part, 16)))
-			return
-		}
-		vals = append(vals, v)
-	}
-	s.res.Chunks = append(s.res.Chunks, &waveform.Chunk{Tenant: s.env.Tenant, Patient: s.patient, Device: dev, Channel: channel,
-		Metric: metric, Unit: unit, RateHz: s.rateHz, StartMs: t, Values: vals, Source: vigilv1.Source_SOURCE_MLLP,
-		MessageID: s.h.ControlID, Location: s.loc})
-}
-
-func indexByte(b []byte, c byte) int {
-	for i, x := range b {
-		if x == c {
-			return i
-		}
-	}
-	return -1
 }
 
 func (s *oruState) refuseOBX(seg Segment, n, field int, reason validate.Reason, code, dev, msg string) {

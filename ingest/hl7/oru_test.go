@@ -5,6 +5,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/vigilhealth/vigil/ingest/binding"
 	"github.com/vigilhealth/vigil/ingest/mapping"
 	"github.com/vigilhealth/vigil/ingest/validate"
 )
@@ -135,18 +136,29 @@ func TestDecodeADT(t *testing.T) {
 		return m
 	}
 	at := time.Date(2024, 3, 1, 9, 59, 0, 0, time.UTC).UnixMilli()
-	ops, iss := DecodeADT(msg("A02"), "A02", nil, 0)
-	if iss != nil || len(ops) != 2 || ops[0].Kind != OpRelease || ops[0].Location != "bed:ICU/3" || ops[1].Kind != OpBind ||
-		ops[1].Location != "bed:ICU/7" || ops[1].Patient != "p1" || ops[1].AtMs != at {
-		t.Errorf("A02: %+v %v", ops, iss)
+	ev, iss := DecodeADT(msg("A02"), "A02", nil, 0)
+	if iss != nil || ev == nil || ev.Kind != binding.ADTTransfer || ev.Bed != "bed:ICU/7" || ev.PriorBed != "bed:ICU/3" ||
+		ev.Patient != "p1" || ev.AtMs != at {
+		t.Errorf("A02: %+v %v", ev, iss)
 	}
-	ops, _ = DecodeADT(msg("A01"), "A01", nil, 0)
-	if len(ops) != 1 || ops[0].Kind != OpBind {
-		t.Errorf("A01: %+v", ops)
+	if ev, _ = DecodeADT(msg("A01"), "A01", nil, 0); ev == nil || ev.Kind != binding.ADTAdmit || ev.Bed != "bed:ICU/7" {
+		t.Errorf("A01: %+v", ev)
 	}
-	ops, _ = DecodeADT(msg("A03"), "A03", nil, 0)
-	if len(ops) != 1 || ops[0].Kind != OpReleasePatient || ops[0].Patient != "p1" {
-		t.Errorf("A03: %+v", ops)
+	if ev, _ = DecodeADT(msg("A03"), "A03", nil, 0); ev == nil || ev.Kind != binding.ADTDischarge || ev.Patient != "p1" {
+		t.Errorf("A03: %+v", ev)
+	}
+	if ev, _ = DecodeADT(msg("A08"), "A08", nil, 0); ev == nil || ev.Kind != binding.ADTUpdate {
+		t.Errorf("A08: %+v", ev)
+	}
+	if ev, iss = DecodeADT(msg("A31"), "A31", nil, 0); ev != nil || iss != nil {
+		t.Errorf("A31 (no binding change): %+v %v", ev, iss)
+	}
+	noPID, err := Parse([]byte("MSH|^~\\&|ADT|H|||20240301100000||ADT^A01|A1|P|2.5\rPV1||I|ICU^^7\r"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if ev, iss = DecodeADT(noPID, "A01", nil, 0); ev != nil || iss == nil || iss.Path() != "PID-3" {
+		t.Errorf("A01 without PID-3: %+v %+v", ev, iss)
 	}
 }
 

@@ -89,15 +89,111 @@ func (h *Handler) accept(ctx context.Context, data []byte, m Meta, now int64) Ou
 		d.release()
 		h.pool.Put(d)
 	}()
+	pr, done := h.prepare(ctx, d, data, m, now)
+	if done {
+		return pr.o
+	}
+	// Refusals first: if Kafka then fails the samples, the sender's retry
+	// duplicates dead letters at worst, and a refusal is only ever answered
+	// with its dead letters acknowledged.
+	if err := h.pub.DeadLetter(ctx, pr.letters); err != nil {
+		return h.failed(pr.o, err)
+	}
+	if err := h.pub.Publish(ctx, pr.batches); err != nil {
+		return h.failed(pr.o, err)
+	}
+	h.rememberPublished(d)
+	return h.answered(pr, m)
+}
+
+// AcceptBatch is Accept for several bodies of one sender at once (e.g. the
+// MQTT messages one client sent without waiting for each PUBACK), in order:
+// each body is decoded and validated as by Accept, then the dead letters of
+// all of them are published in one call and the samples of all of them in
+// one call (in the bodies' order, so a device's samples stay in order on
+// their partition), so a pipelining sender costs one Kafka round trip per
+// batch instead of one per body. outs[i] is the outcome of bodies[i] with
+// metas[i]; when Kafka does not acknowledge, every body that reached the
+// shared publish fails with the same error. A body refused as a whole is
+// answered (and its dead letter published) on its own. It blocks like
+// Accept and is safe for concurrent use; the bodies are only read.
+func (h *Handler) AcceptBatch(ctx context.Context, bodies [][]byte, metas []Meta) []Outcome {
+	now := h.clock.Now().UnixMilli()
+	outs := make([]Outcome, len(bodies))
+	if len(bodies) == 1 {
+		outs[0] = h.accept(ctx, bodies[0], metas[0], now)
+		return outs
+	}
+	type item struct {
+		i  int
+		pr prepared
+	}
+	var (
+		items   []item
+		decs    []*decoder
+		batches []*vigilv1.SampleBatch
+		letters []*vigilv1.DeadLetter
+	)
+	defer func() {
+		for _, d := range decs {
+			d.release()
+			h.pool.Put(d)
+		}
+	}()
+	for i, data := range bodies {
+		d := h.pool.Get().(*decoder)
+		decs = append(decs, d)
+		pr, done := h.prepare(ctx, d, data, metas[i], now)
+		if done {
+			outs[i] = pr.o
+			continue
+		}
+		items = append(items, item{i, pr})
+		batches = append(batches, pr.batches...)
+		letters = append(letters, pr.letters...)
+	}
+	err := h.pub.DeadLetter(ctx, letters)
+	if err == nil {
+		err = h.pub.Publish(ctx, batches)
+	}
+	for _, it := range items {
+		if err != nil {
+			outs[it.i] = h.failed(it.pr.o, err)
+			continue
+		}
+		outs[it.i] = h.answered(it.pr, metas[it.i])
+	}
+	if err == nil {
+		for _, d := range decs {
+			h.rememberPublished(d)
+		}
+	}
+	return outs
+}
+
+// prepared is a body decoded and validated, ready to publish.
+type prepared struct {
+	o        Outcome
+	batches  []*vigilv1.SampleBatch
+	letters  []*vigilv1.DeadLetter
+	problems []ProblemError
+	samples  int
+}
+
+// prepare decodes and validates data with d (which must stay alive until
+// the batches are published). done reports that pr.o is already the answer
+// (the body was refused as a whole, its dead letter published, or it was
+// rate limited).
+func (h *Handler) prepare(ctx context.Context, d *decoder, data []byte, m Meta, now int64) (pr prepared, done bool) {
 	b, berr := d.decode(data, h.maxSamples)
 	if berr != nil {
-		return h.refuseBody(ctx, berr, data, m, 0, now)
+		return prepared{o: h.refuseBody(ctx, berr, data, m, 0, now)}, true
 	}
 	msgID := string(b.messageID.b)
 	if rf := validate.CheckID("message_id", msgID, MaxMessageIDLen); rf != nil {
 		o := h.refuseBody(ctx, &bodyError{status: statusBadRequest, reason: rf.Reason, field: rf.Field, message: rf.Message, offset: -1}, data, m, 0, now)
 		o.Samples = len(b.samples)
-		return o
+		return prepared{o: o}, true
 	}
 	if msgID == "" {
 		msgID = m.MessageID
@@ -106,34 +202,30 @@ func (h *Handler) accept(ctx context.Context, data []byte, m Meta, now int64) Ou
 		msgID = newMessageID(m.source())
 	}
 	if lo, stop := h.limitRate(ctx, b, &m, msgID); stop {
-		return lo
+		return prepared{o: lo}, true
 	}
-	o := Outcome{Samples: len(b.samples), MessageID: msgID}
-	batches, letters, problems := h.validate(b, m, msgID, now)
-	accepted := len(b.samples) - len(letters)
-	batches = h.dropDuplicates(batches, m.source(), d)
+	pr.o = Outcome{Samples: len(b.samples), MessageID: msgID}
+	pr.samples = len(b.samples)
+	pr.batches, pr.letters, pr.problems = h.validate(b, m, msgID, now)
+	pr.batches = h.dropDuplicates(pr.batches, m.source(), d)
+	return pr, false
+}
 
-	// Refusals first: if Kafka then fails the samples, the sender's retry
-	// duplicates dead letters at worst, and a refusal is only ever answered
-	// with its dead letters acknowledged.
-	if err := h.pub.DeadLetter(ctx, letters); err != nil {
-		return h.failed(o, err)
-	}
-	if err := h.pub.Publish(ctx, batches); err != nil {
-		return h.failed(o, err)
-	}
-	h.rememberPublished(d)
+// answered is the outcome of a prepared body once Kafka acknowledged it.
+func (h *Handler) answered(pr prepared, m Meta) Outcome {
+	o, letters := pr.o, pr.letters
+	accepted := pr.samples - len(letters)
 	o.Accepted, o.Rejected = accepted, len(letters)
 	if len(letters) == 0 {
 		return o
 	}
-	h.log.Debug("samples refused", "accepted", accepted, "rejected", len(letters), "message_id", msgID, "origin", m.Origin)
+	h.log.Debug("samples refused", "accepted", accepted, "rejected", len(letters), "message_id", o.MessageID, "origin", m.Origin)
 	p := &Problem{Type: problemType("invalid-samples"), Title: "Some samples were refused",
-		Status: statusBadRequest, MessageID: msgID, Accepted: accepted, Rejected: len(letters), Errors: problems,
-		ErrorsTruncated: len(letters) > len(problems)}
+		Status: statusBadRequest, MessageID: o.MessageID, Accepted: accepted, Rejected: len(letters), Errors: pr.problems,
+		ErrorsTruncated: len(letters) > len(pr.problems)}
 	if accepted > 0 {
 		p.Detail = fmt.Sprintf("%d of %d samples were refused and sent to the dead-letter topic; the other %d were accepted and must not be sent again",
-			len(letters), len(b.samples), accepted)
+			len(letters), pr.samples, accepted)
 	} else {
 		p.Detail = fmt.Sprintf("all %d samples were refused and sent to the dead-letter topic", len(letters))
 	}

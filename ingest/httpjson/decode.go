@@ -77,9 +77,13 @@ type decoder struct {
 	dec jsontext.Decoder
 	rd  bytes.Buffer
 	b   body
-	// keys and sorted are the duplicate-filter keys of the request's
-	// samples (limits.go), reused from request to request.
-	keys, sorted []dedupe.Key
+	// keys, found and local are the duplicate filter's refs of the
+	// request's samples, whether the filter had them, and the sequence
+	// numbers seen so far in the request (limits.go); reused from request
+	// to request, bounded by ingest.max_batch_samples.
+	keys  []dedupe.Ref
+	found []bool
+	local map[dedupe.Key]uint64
 }
 
 const (

@@ -1,10 +1,17 @@
 package httpjson
 
 import (
+	"archive/tar"
+	"bufio"
 	"bytes"
+	"compress/gzip"
 	"encoding/json"
 	"fmt"
+	"math"
+	"os"
+	"path/filepath"
 	"runtime"
+	"strconv"
 	"strings"
 	"testing"
 	"time"
@@ -13,6 +20,7 @@ import (
 	"github.com/go-json-experiment/json/jsontext"
 
 	"github.com/vigilhealth/vigil/ingest/validate"
+	"github.com/vigilhealth/vigil/internal/testenv"
 )
 
 func decodeString(t *testing.T, s string, max int) (*body, *bodyError) {
@@ -215,6 +223,62 @@ func FuzzParseRFC3339(f *testing.F) {
 	})
 }
 
+// datasetBodies turns the first rows of the first patient of the PhysioNet
+// sepsis set (sepsis2019-setB) into request bodies of up to n hourly rows:
+// real values, with the columns the catalogue knows as metrics, NaN cells
+// left out.
+func datasetBodies(tb testing.TB, n int) [][]byte {
+	tb.Helper()
+	f, err := os.Open(filepath.Join(testenv.Dataset(tb, "sepsis2019-setB"), "training_setB.tar.gz"))
+	if err != nil {
+		tb.Fatal(err)
+	}
+	defer f.Close()
+	zr, err := gzip.NewReader(f)
+	if err != nil {
+		tb.Fatal(err)
+	}
+	tr := tar.NewReader(zr)
+	for {
+		h, err := tr.Next()
+		if err != nil {
+			tb.Fatalf("no .psv file in the sepsis set: %v", err)
+		}
+		if strings.HasSuffix(h.Name, ".psv") {
+			break
+		}
+	}
+	sc := bufio.NewScanner(tr)
+	sc.Scan()
+	header := strings.Split(sc.Text(), "|")
+	metrics := map[string][2]string{"HR": {"heart_rate", "/min"}, "O2Sat": {"spo2", "%"}, "Temp": {"body_temperature", "Cel"},
+		"SBP": {"systolic_bp", "mm[Hg]"}, "MAP": {"mean_arterial_pressure", "mm[Hg]"}, "DBP": {"diastolic_bp", "mm[Hg]"},
+		"Resp": {"respiratory_rate", "/min"}, "FiO2": {"fio2", "1"}, "Glucose": {"glucose", "mg/dL"}}
+	t0 := time.Date(2026, 11, 23, 0, 0, 0, 0, time.UTC)
+	var out [][]byte
+	req := Request{Tenant: "sepsis-b", Patient: "p-1", Device: "psv", MessageID: "psv-1"}
+	for row := 0; sc.Scan() && row < n; row++ {
+		for i, cell := range strings.Split(sc.Text(), "|") {
+			m, ok := metrics[header[min(i, len(header)-1)]]
+			v, err := strconv.ParseFloat(cell, 64)
+			if !ok || err != nil || math.IsNaN(v) {
+				continue
+			}
+			req.Samples = append(req.Samples, Sample{Metric: m[0], Value: v, Unit: m[1],
+				Time: t0.Add(time.Duration(row) * time.Hour).Format(time.RFC3339Nano), Seq: uint64(len(req.Samples) + 1)})
+		}
+		body, err := json.Marshal(req)
+		if err != nil {
+			tb.Fatal(err)
+		}
+		out = append(out, body)
+	}
+	if len(out) == 0 {
+		tb.Fatal("no rows read from the sepsis set")
+	}
+	return out
+}
+
 // FuzzDecode checks that no input panics the decoder, that what it accepts
 // is consistent (raw spans inside the body and valid JSON, sample count
 // within the bound), and that its allocation stays proportional to the
@@ -237,6 +301,9 @@ func FuzzDecode(f *testing.F) {
 	}
 	for _, s := range seeds {
 		f.Add([]byte(s))
+	}
+	for _, body := range datasetBodies(f, 6) {
+		f.Add(body)
 	}
 	const maxSamples = 16
 	var d decoder

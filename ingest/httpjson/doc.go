@@ -33,12 +33,16 @@
 //   - metric: a catalogue id (heart_rate, spo2, respiratory_rate,
 //     body_temperature, systolic_bp, diastolic_bp, mean_arterial_pressure,
 //     fio2, oxygen_flow, consciousness, glucose, body_weight, steps), or
-//   - loinc: a LOINC code the catalogue knows (e.g. "8867-4"); when both are
-//     given they must name the same metric;
+//   - loinc: a LOINC code the catalogue knows (e.g. "8867-4"), or, with
+//     the mapping tables (SetCodes, as `vigil` runs it), one the tables map
+//     (e.g. "2708-6" → spo2, or a code a hospital added in
+//     ingest.mapping_dir); when both are given they must name the same
+//     metric;
 //   - value: a JSON number;
 //   - unit: a UCUM unit convertible to the metric's canonical unit (e.g.
-//     "[degF]" → Cel, "kPa" → mm[Hg], "1" (fraction) → %); absent means the
-//     canonical unit;
+//     "[degF]" → Cel, "kPa" → mm[Hg], "1" (fraction) → %), or, with the
+//     mapping tables, an alias they map onto one ("bpm", "mmHg", "degF");
+//     absent means the canonical unit;
 //   - time: an RFC 3339 timestamp, or time_ms: Unix epoch milliseconds (an
 //     integer); exactly one of them;
 //   - seq: optional per-device sequence number (unsigned integer), for
@@ -97,6 +101,12 @@
 //     compressed (Content-Encoding). 405 problem: not POST. Not
 //     dead-lettered (no data was read).
 //
+//   - 429 problem (rate-limited) with Retry-After (whole seconds): the
+//     sender is over ingest.rate_limit (a token bucket per top-level
+//     tenant+device, else per client address); nothing of the request was
+//     accepted or dead-lettered: send it again after Retry-After. Counted in
+//     vigil_ingest_rate_limited_total{source="http"}.
+//
 //   - 503 problem with Retry-After: Kafka did not acknowledge in time
 //     (kafka.produce_timeout) or is unavailable; nothing counts as accepted:
 //     retry the whole request. Consumers de-duplicate what an earlier
@@ -104,6 +114,22 @@
 //     permanently.
 //
 // Dead letters are acknowledged by Kafka before any 4xx answer is sent.
+//
+// A code without an entry in the mapping tables (a LOINC code, a unit) is
+// refused with reason unmapped_code: the code is in the message and on the
+// dead letter (DeadLetter.batch, source_code "LOINC:<code>" or the unit as
+// sent), and counted in vigil_ingest_unmapped_codes_total{source,system,
+// code}, so an integrator sees what to add to the tables.
+//
+// # Duplicates
+//
+// A sample with a seq (not 0) whose (tenant, device, seq) was already
+// published within ingest.dedupe_window, or that appears twice in one
+// request, is answered as accepted but not published again (counted in
+// vigil_ingest_duplicates_total{source}); a sender retrying after a lost
+// answer thus creates no duplicates. Sequences are remembered only once
+// Kafka acknowledged them, so a request that failed (503) is not
+// suppressed when retried.
 //
 // # Other transports
 //

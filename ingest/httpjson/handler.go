@@ -20,6 +20,7 @@ import (
 
 	"github.com/prometheus/client_golang/prometheus"
 
+	"github.com/vigilhealth/vigil/ingest/mapping"
 	"github.com/vigilhealth/vigil/ingest/publish"
 	"github.com/vigilhealth/vigil/ingest/validate"
 	"github.com/vigilhealth/vigil/internal/catalog"
@@ -68,6 +69,8 @@ type Handler struct {
 	// when not enabled (NewCore without UseLimits).
 	limits    *limits
 	rateLimit config.RateLimit
+	// codes, when set, maps LOINC codes and units (see SetCodes).
+	codes Codes
 
 	requests *prometheus.CounterVec
 	received prometheus.Counter
@@ -273,6 +276,12 @@ func (h *Handler) validate(b *body, m Meta, msgID string, now int64) ([]*vigilv1
 		defDevice = m.Device
 	}
 	source := m.source()
+	var tables *mapping.Tables
+	if h.codes != nil {
+		// One snapshot for the whole request: a reload mid-request
+		// does not map its samples differently.
+		tables = h.codes.Tables()
+	}
 	for i := range b.samples {
 		s := &b.samples[i]
 		in := validate.Input{
@@ -302,6 +311,9 @@ func (h *Handler) validate(b *body, m Meta, msgID string, now int64) ([]*vigilv1
 		}
 		if rf == nil && in.Patient == "" && in.Device != "" && h.resolver != nil {
 			rf = h.resolvePatient(&in, i, s, now)
+		}
+		if rf == nil && tables != nil {
+			rf = h.mapCodes(tables, &in, i, s, source)
 		}
 		out := &slab[i]
 		if rf == nil {
@@ -376,16 +388,20 @@ func (h *Handler) letter(m *Meta, s *sampleIn, in *validate.Input, msgID string,
 		dl.Batch = &vigilv1.SampleBatch{SchemaVersion: publish.SchemaVersion, Tenant: in.Tenant, Patient: in.Patient,
 			Device: in.Device, Source: m.source(), IngestTimeMs: now, MessageId: msgID,
 			Samples: []*vigilv1.Sample{{Metric: in.Metric, Value: in.Value, Unit: in.Unit, EventTimeMs: in.EventTimeMs,
-				Sequence: in.Sequence, Channel: in.Channel, SourceCode: loincCode(in.LOINC)}}}
+				Sequence: in.Sequence, Channel: in.Channel, SourceCode: sourceCode(in)}}}
 	}
 	return dl
 }
 
-func loincCode(code string) string {
-	if code == "" {
-		return ""
+// sourceCode is the code a refused sample was sent with.
+func sourceCode(in *validate.Input) string {
+	switch {
+	case in.SourceCode != "":
+		return in.SourceCode
+	case in.LOINC != "":
+		return "LOINC:" + in.LOINC
 	}
-	return "LOINC:" + code
+	return ""
 }
 
 // refuseBody refuses a body as a whole, after dead-lettering it (bounded);

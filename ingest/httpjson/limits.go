@@ -1,12 +1,10 @@
 package httpjson
 
 import (
-	"cmp"
 	"context"
 	"errors"
 	"fmt"
 	"net"
-	"slices"
 	"strconv"
 	"time"
 
@@ -146,28 +144,38 @@ func (h *Handler) dropDuplicates(batches []*vigilv1.SampleBatch, source vigilv1.
 	for _, b := range batches {
 		for _, s := range b.Samples {
 			if s.Sequence != 0 {
-				kb = dedupe.SampleKey(kb[:0], b.Tenant, b.Device, s.Sequence)
-				keys = append(keys, f.Key(kb))
+				var r dedupe.Ref
+				r, kb = f.SampleRef(kb, b.Tenant, b.Device, s.Sequence)
+				keys = append(keys, r)
 			}
 		}
 	}
-	// A sequence twice in one request is rare: a sorted copy tells
-	// whether there is one, without a map per request.
-	sorted := append(d.sorted[:0], keys...)
-	slices.SortFunc(sorted, func(a, b dedupe.Key) int {
-		if c := cmp.Compare(a[0], b[0]); c != 0 {
-			return c
-		}
-		return cmp.Compare(a[1], b[1])
-	})
-	d.sorted = sorted
-	var local map[dedupe.Key]struct{}
-	for i := 1; i < len(sorted); i++ {
-		if sorted[i] == sorted[i-1] {
-			local = make(map[dedupe.Key]struct{}, len(keys))
-			break
-		}
+	// Sequence numbers seen earlier in this request: the bits of each
+	// block, with the block of the previous sample kept aside (a device's
+	// consecutive samples mostly share a block).
+	if d.local == nil {
+		d.local = map[dedupe.Key]uint64{}
 	}
+	clear(d.local)
+	var (
+		lastKey  dedupe.Key
+		lastBits uint64
+		haveLast bool
+	)
+	earlier := func(r dedupe.Ref) bool {
+		if !haveLast || r.Key != lastKey {
+			if haveLast {
+				d.local[lastKey] = lastBits
+			}
+			lastKey, lastBits, haveLast = r.Key, d.local[r.Key], true
+		}
+		if lastBits&r.Bits != 0 {
+			return true
+		}
+		lastBits |= r.Bits
+		return false
+	}
+	d.found = f.ContainsRefs(keys, d.found[:0])
 	var (
 		dups    int
 		out     = batches[:0]
@@ -180,18 +188,11 @@ func (h *Handler) dropDuplicates(batches []*vigilv1.SampleBatch, source vigilv1.
 				kept = append(kept, s)
 				continue
 			}
-			k := keys[next]
+			k, found := keys[next], d.found[next]
 			next++
-			if f.ContainsKey(k) {
+			if found || earlier(k) {
 				dups++
 				continue
-			}
-			if local != nil {
-				if _, twice := local[k]; twice {
-					dups++
-					continue
-				}
-				local[k] = struct{}{}
 			}
 			keys[w] = k // w ≤ next: compacting in place
 			w++
@@ -216,7 +217,5 @@ func (h *Handler) rememberPublished(d *decoder) {
 	if h.limits == nil || h.limits.dedupe == nil {
 		return
 	}
-	for _, k := range d.keys {
-		h.limits.dedupe.AddKey(k)
-	}
+	h.limits.dedupe.AddRefs(d.keys)
 }

@@ -144,7 +144,7 @@ func TestReplayingGatewayLimitedLiveMonitorNot(t *testing.T) {
 			samples := make([]map[string]any, 200)
 			for i := range samples {
 				seq++
-				samples[i] = map[string]any{"metric": "spo2", "value": 97, "time_ms": old + int64(seq), "seq": seq}
+				samples[i] = map[string]any{"metric": "spo2", "value": 97, "time_ms": old - int64(seq), "seq": seq}
 			}
 			resp, out := postJSON(t, e.url, map[string]any{"tenant": "st-mary", "patient": "p-9", "device": "gw-replay", "samples": samples})
 			switch resp.StatusCode {
@@ -162,7 +162,7 @@ func TestReplayingGatewayLimitedLiveMonitorNot(t *testing.T) {
 					retryAfterSeen = true
 				}
 			default:
-				t.Errorf("gateway got %d: %s", resp.StatusCode, out)
+				t.Errorf("gateway got %d: %.300s", resp.StatusCode, out)
 				return
 			}
 		}

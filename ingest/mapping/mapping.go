@@ -88,6 +88,10 @@ var systemAliases = map[string]string{
 // of its aliases (case-insensitive, surrounding spaces ignored), and false
 // for any other system.
 func CanonicalSystem(system string) (string, bool) {
+	switch system {
+	case SystemMDC, SystemLOINC, SystemUCUM:
+		return system, true // the common case, without lower-casing
+	}
 	s, ok := systemAliases[strings.ToLower(strings.TrimSpace(system))]
 	return s, ok
 }

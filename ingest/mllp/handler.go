@@ -14,13 +14,16 @@ import (
 	"github.com/prometheus/client_golang/prometheus"
 
 	"github.com/vigilhealth/vigil/ingest/binding"
+	"github.com/vigilhealth/vigil/ingest/dedupe"
 	"github.com/vigilhealth/vigil/ingest/hl7"
 	"github.com/vigilhealth/vigil/ingest/mapping"
 	"github.com/vigilhealth/vigil/ingest/publish"
+	"github.com/vigilhealth/vigil/ingest/ratelimit"
 	"github.com/vigilhealth/vigil/ingest/validate"
 	"github.com/vigilhealth/vigil/ingest/waveform"
 	"github.com/vigilhealth/vigil/internal/clock"
 	"github.com/vigilhealth/vigil/internal/config"
+	"github.com/vigilhealth/vigil/internal/stage"
 	vigilv1 "github.com/vigilhealth/vigil/proto/vigil/v1"
 )
 
@@ -33,30 +36,31 @@ type Publisher interface {
 }
 
 // Binder keeps the device/bed → patient bindings (ingest/binding's Store
-// satisfies it). Resolve must not block on I/O; Bind, Release
-// and ReleasePatient block until the change is durable and return errors
-// that publish.IsRetriable classifies. It must be safe for concurrent use.
+// satisfies it). Resolve must not block on I/O; ApplyADT blocks until the
+// change is durable and returns *binding.InvalidError for an event it
+// refuses, other errors being classified by publish.IsRetriable. It must be
+// safe for concurrent use.
 type Binder interface {
 	hl7.Resolver
-	Bind(ctx context.Context, b binding.Binding) error
-	Release(ctx context.Context, tenant, device string, atMs int64, source string) error
-	ReleasePatient(ctx context.Context, tenant, patient string, atMs int64, source string) error
+	ApplyADT(ctx context.Context, ev binding.ADTEvent) error
 }
 
 // Handler answers one HL7 v2 message at a time: it parses it, publishes
 // what it yields, and returns the ACK. It is what the MLLP server runs for
 // every frame, and is safe for concurrent use.
 type Handler struct {
-	pub      Publisher
-	dec      *hl7.Decoder
-	binder   Binder
-	wave     waveform.Sink
-	log      *slog.Logger
-	clock    clock.Clock
-	tenant   string
-	tenants  map[string]string
-	dedupe   *dedupe
-	limiter  *limiter
+	pub     Publisher
+	dec     *hl7.Decoder
+	binder  Binder
+	wave    waveform.Sink
+	log     *slog.Logger
+	clock   clock.Clock
+	tenant  string
+	tenants map[string]string
+	// dedupe remembers the accepted messages (nil: no duplicate
+	// suppression).
+	dedupe   *dedupe.Filter
+	limiter  *ratelimit.Limiter
 	maxWait  time.Duration
 	timeout  time.Duration
 	ackSeq   atomic.Uint64
@@ -68,11 +72,8 @@ type Handler struct {
 type handlerMetrics struct {
 	messages   *prometheus.CounterVec
 	duplicates prometheus.Counter
-	evicted    prometheus.Counter
-	limited    prometheus.Counter
-	limitWait  prometheus.Counter
-	srcEvicted prometheus.Counter
 	bindings   *prometheus.CounterVec
+	waveforms  *prometheus.CounterVec
 	latency    prometheus.Histogram
 }
 
@@ -86,26 +87,14 @@ func newHandlerMetrics() *handlerMetrics {
 			Name: "vigil_mllp_duplicates_total",
 			Help: "Messages whose control id (MSH-10) was already accepted within the dedupe window: ACKed AA again, not republished.",
 		}),
-		evicted: prometheus.NewCounter(prometheus.CounterOpts{
-			Name: "vigil_mllp_dedupe_evicted_total",
-			Help: "Control ids forgotten before the end of the dedupe window because mllp.dedupe_size was reached.",
-		}),
-		limited: prometheus.NewCounter(prometheus.CounterOpts{
-			Name: "vigil_mllp_rate_limited_total",
-			Help: "Messages whose ACK was delayed by the per-source rate limit.",
-		}),
-		limitWait: prometheus.NewCounter(prometheus.CounterOpts{
-			Name: "vigil_mllp_rate_limit_wait_seconds_total",
-			Help: "Time ACKs were held back by the per-source rate limit.",
-		}),
-		srcEvicted: prometheus.NewCounter(prometheus.CounterOpts{
-			Name: "vigil_mllp_rate_limit_sources_evicted_total",
-			Help: "Rate-limit buckets forgotten because too many sources were tracked.",
-		}),
 		bindings: prometheus.NewCounterVec(prometheus.CounterOpts{
 			Name: "vigil_mllp_binding_changes_total",
-			Help: "Device/bed binding changes made from ADT messages, by kind (bind, release, release_patient; skipped when no binding store is configured).",
+			Help: "ADT events applied to the device/bed bindings, by kind (admit, transfer, discharge, update; skipped when no binding store is configured).",
 		}, []string{"kind"}),
+		waveforms: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "vigil_mllp_waveforms_total",
+			Help: "Waveform (NA) observations handed to the waveform processor, by result (ok, refused).",
+		}, []string{"result"}),
 		latency: prometheus.NewHistogram(prometheus.HistogramOpts{
 			Name:    "vigil_mllp_ack_seconds",
 			Help:    "Time from a whole frame read to its ACK being ready, Kafka acknowledgement included.",
@@ -115,7 +104,7 @@ func newHandlerMetrics() *handlerMetrics {
 }
 
 func (m *handlerMetrics) collectors() []prometheus.Collector {
-	return []prometheus.Collector{m.messages, m.duplicates, m.evicted, m.limited, m.limitWait, m.srcEvicted, m.bindings, m.latency}
+	return []prometheus.Collector{m.messages, m.duplicates, m.bindings, m.waveforms, m.latency}
 }
 
 // Options are the collaborators of the MLLP ingest path.
@@ -130,6 +119,24 @@ type Options struct {
 	Binder Binder
 	// Waveform takes NA (waveform) observations; nil refuses them.
 	Waveform waveform.Sink
+}
+
+// maxRateSources bounds the rate-limit buckets kept (one per sending
+// facility, else remote host).
+const maxRateSources = 10_000
+
+// register registers the handler's metrics, its duplicate filter's
+// (filter="mllp_messages") and its rate limiter's (source="mllp").
+func (h *Handler) register(reg prometheus.Registerer) error {
+	if err := stage.Register(reg, "mllp metrics", h.m.collectors()...); err != nil {
+		return err
+	}
+	if h.dedupe != nil {
+		if err := h.dedupe.Register(reg, "mllp_messages"); err != nil {
+			return err
+		}
+	}
+	return h.limiter.Register(reg, "mllp")
 }
 
 func newHandler(cfg config.Config, log *slog.Logger, clk clock.Clock, val *validate.Validator, opts Options, m *handlerMetrics) *Handler {
@@ -150,8 +157,10 @@ func newHandler(cfg config.Config, log *slog.Logger, clk clock.Clock, val *valid
 		timeout: cfg.MLLP.AckTimeout,
 		m:       m,
 	}
-	h.dedupe = newDedupe(cfg.MLLP.DedupeWindow, cfg.MLLP.DedupeSize, m.evicted.Inc)
-	h.limiter = newLimiter(cfg.MLLP.RateLimit, cfg.MLLP.RateBurst, m.srcEvicted.Inc)
+	if cfg.MLLP.DedupeWindow > 0 {
+		h.dedupe = dedupe.New(cfg.MLLP.DedupeWindow, cfg.MLLP.DedupeSize, clk)
+	}
+	h.limiter = ratelimit.New(cfg.MLLP.RateLimit, cfg.MLLP.RateBurst, maxRateSources, clk)
 	h.ackStamp = strconv.FormatInt(clk.Now().UnixMilli(), 36)
 	return h
 }
@@ -198,7 +207,6 @@ func (h *Handler) tenantOf(facility string) string {
 }
 
 func (h *Handler) handle(ctx context.Context, raw []byte, remote string) (string, []byte) {
-	now := h.clock.Now()
 	m, err := hl7.Parse(raw)
 	if err != nil {
 		var pe *hl7.ParseError
@@ -234,16 +242,18 @@ func (h *Handler) handle(ctx context.Context, raw []byte, remote string) (string
 	if src == "" {
 		src, _, _ = net.SplitHostPort(remote)
 	}
-	if wait := h.limiter.Reserve(src, now); wait > 0 {
-		if wait > h.maxWait {
-			h.limiter.Refund(src)
+	if !h.limiter.Unlimited() {
+		// Wait at most half the ACK timeout; past that the sender is
+		// told to send again later (AE) rather than to give up.
+		wctx, cancel := context.WithTimeout(ctx, h.maxWait)
+		err := h.limiter.Wait(wctx, src, 1)
+		cancel()
+		if err != nil {
+			if ctx.Err() != nil {
+				return typ, h.retry(hd, ctx.Err())
+			}
 			return typ, h.ack(hd, hl7.AE, []hl7.Issue{{Code: hl7.CodeInternalError, Severity: hl7.SeverityError,
 				Reason: validate.RateLimited, Message: fmt.Sprintf("source %q exceeds its rate limit: send again later", src)}})
-		}
-		h.m.limited.Inc()
-		h.m.limitWait.Add(wait.Seconds())
-		if !sleep(ctx, wait) {
-			return typ, h.retry(hd, ctx.Err())
 		}
 	}
 	oru := hd.Type == "ORU" && (hd.Trigger == "R01" || hd.Trigger == "")
@@ -257,8 +267,13 @@ func (h *Handler) handle(ctx context.Context, raw []byte, remote string) (string
 			Message: fmt.Sprintf("message type %s^%s is not taken: Vigil takes ORU^R01 and ADT", hd.Type, hd.Trigger)})
 	}
 	// A message sent again has the same control id, sender and type.
-	key := tenant + "\x00" + hd.SendingApp + "\x00" + hd.SendingFacility + "\x00" + hd.Type + "^" + hd.Trigger + "\x00" + hd.ControlID
-	if h.dedupe.Seen(key, now) {
+	var key dedupe.Key
+	if h.dedupe != nil {
+		var buf [256]byte
+		key = h.dedupe.Key(dedupe.MessageKey(buf[:0], "mllp",
+			tenant+"\x00"+hd.SendingApp+"\x00"+hd.SendingFacility+"\x00"+hd.Type+"^"+hd.Trigger, hd.ControlID))
+	}
+	if h.dedupe != nil && h.dedupe.ContainsKey(key) {
 		h.m.duplicates.Inc()
 		return typ, h.ack(hd, hl7.AA, []hl7.Issue{{Code: hl7.CodeDuplicateKey, Severity: hl7.SeverityInfo,
 			Message: fmt.Sprintf("message %s was already accepted; not processed again", hd.ControlID)}})
@@ -270,8 +285,8 @@ func (h *Handler) handle(ctx context.Context, raw []byte, remote string) (string
 	} else {
 		ack, accepted = h.adt(ctx, m, hd, tenant, remote, raw)
 	}
-	if accepted {
-		h.dedupe.Add(key, now)
+	if accepted && h.dedupe != nil {
+		h.dedupe.AddKey(key)
 	}
 	return typ, ack
 }
@@ -328,10 +343,36 @@ func (h *Handler) oru(ctx context.Context, m *hl7.Message, hd hl7.Header, tenant
 		env.Resolver = h.binder
 	}
 	res := h.dec.DecodeORU(m, env)
-	for _, c := range res.Chunks {
-		if err := h.wave.Chunk(ctx, c); err != nil {
+	accepted := res.Samples
+	for _, w := range res.Waveforms {
+		err := h.wave.Chunk(ctx, w.Chunk)
+		var ce *waveform.ChunkError
+		switch {
+		case err == nil:
+			h.m.waveforms.WithLabelValues("ok").Inc()
+			accepted++
+			continue
+		case errors.As(err, &ce):
+		default:
 			return h.retry(hd, err), false
 		}
+		// Refused for its content: a dead letter, like a refused OBX.
+		h.m.waveforms.WithLabelValues("refused").Inc()
+		field := 5
+		switch ce.Field {
+		case "unit":
+			field = 6
+		case "metric":
+			field = 3
+		case "channel":
+			field = 4
+		}
+		is := hl7.Issue{Segment: "OBX", Sequence: w.Sequence, Field: field, Code: hl7.CodeDataType, Severity: hl7.SeverityError,
+			Reason: ce.Reason, Message: "waveform: " + ce.Error()}
+		res.Issues = append(res.Issues, is)
+		res.Letters = append(res.Letters, &vigilv1.DeadLetter{Reason: string(ce.Reason), Message: is.Message,
+			Source: vigilv1.Source_SOURCE_MLLP, Origin: remote, Field: is.Path(), Raw: append([]byte(nil), w.Raw...),
+			Tenant: tenant, Patient: w.Chunk.Patient, Device: w.Chunk.Device, MessageId: hd.ControlID, ContentType: hl7.ContentType})
 	}
 	// Refusals first: if Kafka then fails the samples, the sender's retry
 	// duplicates dead letters at worst.
@@ -341,7 +382,7 @@ func (h *Handler) oru(ctx context.Context, m *hl7.Message, hd hl7.Header, tenant
 	if err := h.pub.Publish(ctx, res.Batches); err != nil {
 		return h.retry(hd, err), false
 	}
-	if res.Samples == 0 && len(res.Chunks) == 0 && len(res.Issues) > 0 {
+	if accepted == 0 && len(res.Issues) > 0 {
 		return h.ack(hd, hl7.AR, res.Issues), false
 	}
 	for i := range res.Issues {
@@ -351,31 +392,30 @@ func (h *Handler) oru(ctx context.Context, m *hl7.Message, hd hl7.Header, tenant
 }
 
 func (h *Handler) adt(ctx context.Context, m *hl7.Message, hd hl7.Header, tenant, remote string, raw []byte) ([]byte, bool) {
-	ops, iss := hl7.DecodeADT(m, hd.Trigger, h.dec.Zone, h.clock.Now().UnixMilli())
+	ev, iss := hl7.DecodeADT(m, hd.Trigger, h.dec.Zone, h.clock.Now().UnixMilli())
 	if iss != nil {
 		return h.refuse(ctx, hd, tenant, remote, raw, *iss), false
 	}
-	setBy := hd.SendingFacility + " ADT^" + hd.Trigger + " " + hd.ControlID
-	for _, op := range ops {
-		if h.binder == nil {
-			h.m.bindings.WithLabelValues("skipped").Inc()
-			continue
-		}
-		var err error
-		switch op.Kind {
-		case hl7.OpBind:
-			err = h.binder.Bind(ctx, binding.Binding{Tenant: tenant, Device: op.Location, Patient: op.Patient,
-				FromMs: op.AtMs, Source: binding.SourceADT, SetBy: setBy})
-		case hl7.OpRelease:
-			err = h.binder.Release(ctx, tenant, op.Location, op.AtMs, binding.SourceADT)
-		case hl7.OpReleasePatient:
-			err = h.binder.ReleasePatient(ctx, tenant, op.Patient, op.AtMs, binding.SourceADT)
-		}
-		if err != nil {
-			return h.retry(hd, fmt.Errorf("changing binding (%s %s): %w", op.Kind, op.Location, err)), false
-		}
-		h.m.bindings.WithLabelValues(op.Kind.String()).Inc()
+	if ev == nil {
+		// An ADT event that changes no binding (A05, A31...): taken.
+		return h.ack(hd, hl7.AA, nil), true
 	}
+	if h.binder == nil {
+		h.m.bindings.WithLabelValues("skipped").Inc()
+		return h.ack(hd, hl7.AA, nil), true
+	}
+	ev.Tenant = tenant
+	ev.SetBy = hd.SendingFacility + " ADT^" + hd.Trigger + " " + hd.ControlID
+	if err := h.binder.ApplyADT(ctx, *ev); err != nil {
+		var inv *binding.InvalidError
+		if errors.As(err, &inv) {
+			return h.refuse(ctx, hd, tenant, remote, raw, hl7.Issue{Segment: "PID", Sequence: 1, Field: 3,
+				Code: hl7.CodeRequiredMissing, Severity: hl7.SeverityError, Reason: validate.MissingField,
+				Message: "ADT^" + hd.Trigger + ": " + inv.Error()}), false
+		}
+		return h.retry(hd, fmt.Errorf("applying ADT^%s to the bindings: %w", hd.Trigger, err)), false
+	}
+	h.m.bindings.WithLabelValues(string(ev.Kind)).Inc()
 	return h.ack(hd, hl7.AA, nil), true
 }
 

@@ -76,11 +76,13 @@ func New(cfg config.Config, deps stage.Deps, opts Options) (*Server, error) {
 			Help: "Frames refused (AR) because they exceeded mllp.max_message_bytes.",
 		}),
 	}
-	hm := newHandlerMetrics()
-	if err := stage.Register(deps.Metrics, "mllp metrics", append(hm.collectors(), s.conns, s.garbage, s.tooLarge)...); err != nil {
+	s.h = newHandler(cfg, deps.Log, deps.Clock, validate.New(cat, validate.LimitsFrom(cfg.Ingest)), opts, newHandlerMetrics())
+	if err := s.h.register(deps.Metrics); err != nil {
 		return nil, err
 	}
-	s.h = newHandler(cfg, deps.Log, deps.Clock, validate.New(cat, validate.LimitsFrom(cfg.Ingest)), opts, hm)
+	if err := stage.Register(deps.Metrics, "mllp connection metrics", s.conns, s.garbage, s.tooLarge); err != nil {
+		return nil, err
+	}
 	ln, err := net.Listen("tcp", cfg.MLLP.Listen)
 	if err != nil {
 		return nil, fmt.Errorf("listening for mllp on %s: %w", cfg.MLLP.Listen, err)

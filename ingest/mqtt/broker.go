@@ -48,10 +48,10 @@ type Service struct {
 	// sends them again) while the ones in flight drain.
 	closing  atomic.Bool
 	inflight *drainGroup
-	// pending maps a client to when its publish in flight was read, from
-	// OnPublish to OnPacketProcessed (after the PUBACK was written); a
-	// client's publishes are processed one at a time on its read loop.
-	pending sync.Map // *mochi.Client → time.Time
+	// clients holds the state of each client that published to an ingest
+	// topic (*mochi.Client → *clientState), from its first such publish to
+	// its disconnection.
+	clients sync.Map
 	// base is the context of Kafka writes: not cancelled by a stop (in
 	// flight publishes finish), only when Close gives up.
 	base   context.Context
@@ -256,8 +256,34 @@ type hook struct {
 func (h *hook) ID() string { return "vigil-ingest" }
 
 func (h *hook) Provides(b byte) bool {
-	return bytes.Contains([]byte{mochi.OnConnectAuthenticate, mochi.OnACLCheck, mochi.OnPublish, mochi.OnPacketProcessed}, []byte{b})
+	return bytes.Contains([]byte{mochi.OnConnectAuthenticate, mochi.OnACLCheck, mochi.OnPublish, mochi.OnPacketProcessed, mochi.OnDisconnect}, []byte{b})
 }
+
+// clientState is what the hook keeps per client. A client's packets are
+// processed one at a time on its read goroutine (OnPublish, then
+// OnPacketProcessed), so its fields need no lock.
+type clientState struct {
+	// busy is set from OnPublish to OnPacketProcessed (after the PUBACK
+	// was written) of an ingest publish; start is when it was read.
+	busy  bool
+	start time.Time
+	// topic and origin cache the dead-letter origin of the client's last
+	// topic: a device publishes to one topic, and building the string per
+	// message showed in profiles.
+	topic, origin string
+}
+
+func (h *hook) state(cl *mochi.Client) *clientState {
+	if v, ok := h.s.clients.Load(cl); ok {
+		return v.(*clientState)
+	}
+	st := &clientState{}
+	h.s.clients.Store(cl, st)
+	return st
+}
+
+// OnDisconnect forgets the client's state.
+func (h *hook) OnDisconnect(cl *mochi.Client, _ error, _ bool) { h.s.clients.Delete(cl) }
 
 // OnConnectAuthenticate admits anonymous clients per mqtt.embedded.auth.
 // anonymous and named ones per the ledger.
@@ -299,7 +325,10 @@ func isLoopback(remote string) bool {
 
 // OnPublish ingests a PUBLISH to vigil/...: it blocks until Kafka has the
 // samples, then lets mochi acknowledge it; see the package documentation
-// for the answers. Other topics are ordinary MQTT traffic.
+// for the answers. Ingest messages are not relayed to MQTT subscribers
+// (they are on vigil.samples.v1; relaying would also show every patient's
+// data to any client allowed to subscribe). Other topics are ordinary MQTT
+// traffic.
 func (h *hook) OnPublish(cl *mochi.Client, pk packets.Packet) (packets.Packet, error) {
 	s := h.s
 	if cl.Net.Inline || (pk.TopicName != TopicRoot && !strings.HasPrefix(pk.TopicName, TopicRoot+"/")) {
@@ -319,10 +348,13 @@ func (h *hook) OnPublish(cl *mochi.Client, pk packets.Packet) (packets.Packet, e
 		}
 		return pk, packets.ErrRejectPacket
 	}
+	st := h.state(cl)
 	s.inflight.add()
-	s.pending.Store(cl, start)
-	origin := "mqtt://" + cl.ID + "@" + cl.Net.Remote + "/" + clipTopic(pk.TopicName)
-	r := s.in.handle(s.base, "embedded", pk.TopicName, pk.Payload, qos, origin, TopicRoot)
+	st.busy, st.start = true, start
+	if st.topic != pk.TopicName {
+		st.topic, st.origin = pk.TopicName, "mqtt://"+cl.ID+"@"+cl.Net.Remote+"/"+clipTopic(pk.TopicName)
+	}
+	r := s.in.handle(s.base, modeEmbedded, pk.TopicName, pk.Payload, qos, st.origin, TopicRoot)
 	switch r.verdict {
 	case refused:
 		if v5 && qos > 0 {
@@ -330,11 +362,11 @@ func (h *hook) OnPublish(cl *mochi.Client, pk packets.Packet) (packets.Packet, e
 		}
 		// MQTT 3.1.1 has no negative PUBACK: it will never succeed, and
 		// it is on the dead-letter topic, so it is acknowledged.
-		return pk, nil
+		return pk, packets.CodeSuccessIgnore
 	case failed:
 		if qos == 0 {
 			s.deps.Log.Warn("mqtt qos 0 message lost: kafka did not acknowledge", "client", cl.ID, "topic", pk.TopicName, "err", r.reason)
-			return pk, nil
+			return pk, packets.CodeSuccessIgnore
 		}
 		if v5 && !r.retriable {
 			return pk, packets.Code{Code: 0x80, Reason: clipReason(r.reason)}
@@ -350,7 +382,8 @@ func (h *hook) OnPublish(cl *mochi.Client, pk packets.Packet) (packets.Packet, e
 		}
 		return pk, packets.ErrRejectPacket
 	}
-	return pk, nil
+	// Acknowledged by mochi (PUBACK) once this returns; not relayed.
+	return pk, packets.CodeSuccessIgnore
 }
 
 // OnPacketProcessed runs after mochi wrote the PUBACK (or decided not to):
@@ -359,12 +392,17 @@ func (h *hook) OnPacketProcessed(cl *mochi.Client, pk packets.Packet, _ error) {
 	if pk.FixedHeader.Type != packets.Publish {
 		return
 	}
-	v, ok := h.s.pending.LoadAndDelete(cl)
+	v, ok := h.s.clients.Load(cl)
 	if !ok {
 		return
 	}
+	st := v.(*clientState)
+	if !st.busy {
+		return
+	}
+	st.busy = false
 	if pk.FixedHeader.Qos > 0 && !cl.Closed() {
-		h.s.in.m.puback.WithLabelValues("embedded").Observe(sinceSeconds(v.(time.Time)))
+		h.s.in.m.ackLat[modeEmbedded].Observe(sinceSeconds(st.start))
 	}
 	h.s.inflight.done()
 }

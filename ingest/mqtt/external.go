@@ -171,11 +171,11 @@ func (s *subscriber) one(ctx context.Context, d delivery) {
 	for {
 		// Kafka writes finish even when ctx ends: the produce timeout
 		// bounds them.
-		r := s.in.handle(context.WithoutCancel(ctx), "external", m.Topic(), m.Payload(), m.Qos(), origin, "")
+		r := s.in.handle(context.WithoutCancel(ctx), modeExternal, m.Topic(), m.Payload(), m.Qos(), origin, "")
 		if r.verdict != failed {
 			m.Ack()
 			if m.Qos() > 0 {
-				s.in.m.puback.WithLabelValues("external").Observe(sinceSeconds(d.received))
+				s.in.m.ackLat[modeExternal].Observe(sinceSeconds(d.received))
 			}
 			return
 		}

@@ -72,7 +72,21 @@ type metrics struct {
 	outcome  *prometheus.CounterVec // mode, qos, result
 	puback   *prometheus.HistogramVec
 	dropped  *prometheus.CounterVec // mode, why
+
+	// The children of the hot path, resolved once (a label lookup per
+	// message costs more than the increment): [mode][qos][verdict].
+	recv   [2][3]prometheus.Counter
+	out    [2][3][3]prometheus.Counter
+	ackLat [2]prometheus.Observer
 }
+
+// Modes of ingest, the "mode" label.
+const (
+	modeEmbedded = iota
+	modeExternal
+)
+
+var modeNames = [2]string{"embedded", "external"}
 
 func newMetrics(reg prometheus.Registerer) (*metrics, error) {
 	m := &metrics{
@@ -96,6 +110,15 @@ func newMetrics(reg prometheus.Registerer) (*metrics, error) {
 	}
 	if err := stage.Register(reg, "mqtt ingest metrics", m.received, m.outcome, m.puback, m.dropped); err != nil {
 		return nil, err
+	}
+	for mode, mn := range modeNames {
+		m.ackLat[mode] = m.puback.WithLabelValues(mn)
+		for q, ql := range qosLabels {
+			m.recv[mode][q] = m.received.WithLabelValues(mn, ql)
+			for v, vl := range verdictLabels {
+				m.out[mode][q][v] = m.outcome.WithLabelValues(mn, ql, vl)
+			}
+		}
 	}
 	return m, nil
 }
@@ -133,46 +156,93 @@ func parseTopic(topic, root string) (tenant, device string, ok bool) {
 
 var qosLabels = [3]string{"0", "1", "2"}
 
+var verdictLabels = [3]string{accepted: "accepted", refused: "refused", failed: "failed"}
+
 // handle ingests one PUBLISH of topic (already known to be an ingest topic
 // or under TopicRoot) and blocks until Kafka acknowledged what it produced
 // (or failed). payload is only read, until handle returns. origin names the
 // sender for dead letters.
-func (in *ingester) handle(ctx context.Context, mode, topic string, payload []byte, qos byte, origin, root string) result {
-	ql := qosLabels[min(qos, 2)]
-	in.m.received.WithLabelValues(mode, ql).Inc()
+func (in *ingester) handle(ctx context.Context, mode int, topic string, payload []byte, qos byte, origin, root string) result {
+	q := min(qos, 2)
+	in.m.recv[mode][q].Inc()
 	r := in.process(ctx, topic, payload, origin, root)
-	label := "accepted"
-	switch r.verdict {
-	case refused:
-		label = "refused"
-	case failed:
-		label = "failed"
-	}
-	in.m.outcome.WithLabelValues(mode, ql, label).Inc()
+	in.m.out[mode][q][r.verdict].Inc()
 	return r
 }
 
 func (in *ingester) process(ctx context.Context, topic string, payload []byte, origin, root string) result {
+	meta, r, ok := in.check(ctx, topic, payload, origin, root)
+	if !ok {
+		return r
+	}
+	return verdictOf(in.core.Accept(ctx, payload, meta))
+}
+
+// message is one PUBLISH for handleBatch.
+type message struct {
+	topic   string
+	payload []byte
+	qos     byte
+	origin  string
+}
+
+// handleBatch is handle for messages one client sent in a row (without
+// waiting for each PUBACK): their samples go to Kafka in one call, in
+// order (httpjson.Handler.AcceptBatch). results[i] is the verdict on
+// msgs[i]. It blocks until Kafka acknowledged (or failed).
+func (in *ingester) handleBatch(ctx context.Context, mode int, msgs []message, root string, results []result) []result {
+	results = results[:0]
+	var (
+		bodies [][]byte
+		metas  []httpjson.Meta
+		at     []int
+	)
+	for i, m := range msgs {
+		in.m.recv[mode][min(m.qos, 2)].Inc()
+		meta, r, ok := in.check(ctx, m.topic, m.payload, m.origin, root)
+		results = append(results, r)
+		if ok {
+			bodies, metas, at = append(bodies, m.payload), append(metas, meta), append(at, i)
+		}
+	}
+	if len(bodies) > 0 {
+		for j, o := range in.core.AcceptBatch(ctx, bodies, metas) {
+			results[at[j]] = verdictOf(o)
+		}
+	}
+	for i, m := range msgs {
+		in.m.out[mode][min(m.qos, 2)][results[i].verdict].Inc()
+	}
+	return results
+}
+
+// check takes the tenant and device from topic and bounds the payload; ok
+// false means the PUBLISH was refused (r, its dead letter published).
+func (in *ingester) check(ctx context.Context, topic string, payload []byte, origin, root string) (meta httpjson.Meta, r result, ok bool) {
 	tenant, device, ok := parseTopic(topic, root)
 	if !ok {
-		return in.refuse(ctx, &vigilv1.DeadLetter{Reason: string(validate.UnsupportedMessage), Field: "topic",
+		return meta, in.refuse(ctx, &vigilv1.DeadLetter{Reason: string(validate.UnsupportedMessage), Field: "topic",
 			Message: fmt.Sprintf("topic %q is not %s/<tenant>/<device>/samples", clipTopic(topic), TopicRoot)},
-			payload, origin, 0x90)
+			payload, origin, 0x90), false
 	}
 	rf := validate.CheckID(validate.FieldTenant, tenant, validate.MaxTenantLen)
 	if rf == nil {
 		rf = validate.CheckID(validate.FieldDevice, device, validate.MaxDeviceLen)
 	}
 	if rf != nil {
-		return in.refuse(ctx, &vigilv1.DeadLetter{Reason: string(rf.Reason), Field: "topic",
-			Message: "topic " + clipTopic(topic) + ": " + rf.Message}, payload, origin, 0x90)
+		return meta, in.refuse(ctx, &vigilv1.DeadLetter{Reason: string(rf.Reason), Field: "topic",
+			Message: "topic " + clipTopic(topic) + ": " + rf.Message}, payload, origin, 0x90), false
 	}
 	if len(payload) > in.maxPayload {
-		return in.refuse(ctx, &vigilv1.DeadLetter{Reason: string(validate.BodyTooLarge), Field: "payload", Tenant: tenant, Device: device,
+		return meta, in.refuse(ctx, &vigilv1.DeadLetter{Reason: string(validate.BodyTooLarge), Field: "payload", Tenant: tenant, Device: device,
 			Message: fmt.Sprintf("the payload is larger than %d bytes (%d); split it", in.maxPayload, len(payload))},
-			payload, origin, 0x95)
+			payload, origin, 0x95), false
 	}
-	o := in.core.Accept(ctx, payload, httpjson.Meta{Source: vigilv1.Source_SOURCE_MQTT, Origin: origin, Tenant: tenant, Device: device, ContentType: ContentType})
+	return httpjson.Meta{Source: vigilv1.Source_SOURCE_MQTT, Origin: origin, Tenant: tenant, Device: device, ContentType: ContentType}, result{}, true
+}
+
+// verdictOf turns the JSON core's outcome into the PUBLISH's verdict.
+func verdictOf(o httpjson.Outcome) result {
 	switch {
 	case o.Err != nil:
 		return result{verdict: failed, code: 0x80, reason: "kafka did not acknowledge: " + o.Err.Error(), retriable: o.Retriable}

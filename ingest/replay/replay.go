@@ -68,7 +68,7 @@ import (
 
 // DefaultStart is the event time of ICU hour 1 of every PSV file when
 // Options.Start is zero: fixed, so that two replays are identical.
-var DefaultStart = time.Date(2019, 1, 1, 0, 0, 0, 0, time.UTC)
+func DefaultStart() time.Time { return time.Date(2019, 1, 1, 0, 0, 0, 0, time.UTC) }
 
 // Options configure a Replayer. Zero values take the defaults named.
 type Options struct {
@@ -76,7 +76,7 @@ type Options struct {
 	// their own.
 	Tenant string
 	// Start is the event time of PSV ICU hour 1 and of a WFDB record's
-	// first sample when its header has no base date (default DefaultStart).
+	// first sample when its header has no base date (default DefaultStart()).
 	Start time.Time
 	// Speed plays X× real time by event time; 0 is full speed.
 	Speed float64
@@ -113,7 +113,7 @@ func (o *Options) defaults() error {
 		o.Tenant = "physionet"
 	}
 	if o.Start.IsZero() {
-		o.Start = DefaultStart
+		o.Start = DefaultStart()
 	}
 	if o.Lanes <= 0 {
 		o.Lanes = 4
@@ -152,7 +152,8 @@ type Stats struct {
 	Files int64
 	// Rows are messages read: PSV rows, recording lines, waveform chunks.
 	Rows int64
-	// Samples were accepted (acknowledged by Kafka, or by the target).
+	// Samples were accepted (acknowledged by Kafka, or by the target);
+	// for WFDB input, the waveform values the waveform processor took.
 	Samples int64
 	// Refused samples (and whole messages) went to the dead-letter topic.
 	Refused int64

@@ -212,7 +212,14 @@ func NewProcessor(pub Publisher, opts Options, deps stage.Deps) (*Processor, err
 	return p, nil
 }
 
-// Chunk implements Sink.
+// Chunk implements Sink for the ingest paths (the MLLP handler's NA OBX
+// chunks, the replayer's WFDB chunks). It blocks until the chunk's
+// rr_interval samples are acknowledged by Kafka, or ctx ends. A
+// *ChunkError (errors.As) refuses the chunk's content for good: its Reason
+// and Field are what an HL7 AE/AR answer or a dead letter should carry.
+// Any other error is a publishing failure, after which the channel is as it
+// was before the call (publish.IsRetriable says whether a retry of the same
+// chunk may succeed). The processor owns c.Values after the call.
 func (p *Processor) Chunk(ctx context.Context, c *Chunk) error {
 	_, err := p.Process(ctx, c)
 	return err

@@ -51,15 +51,15 @@ const (
 	codeAux  = 63
 )
 
-// mnemonics are the WFDB annotation mnemonics by code (annot.c).
-var mnemonics = [...]string{
-	" ", "N", "L", "R", "a", "V", "F", "J", "A", "S", "E", "j", "/", "Q", "~", "[15]",
-	"|", "[17]", "s", "T", "*", "D", "\"", "=", "p", "B", "^", "t", "+", "u", "?",
-	"!", "[", "]", "e", "n", "@", "x", "f", "(", ")", "r",
-}
-
 // String returns the WFDB mnemonic ("N", "V", "+", ...), or "[code]".
 func (c Code) String() string {
+	// The WFDB annotation mnemonics by code (annot.c); a literal here
+	// rather than a package variable, so that nothing can change it.
+	mnemonics := [...]string{
+		" ", "N", "L", "R", "a", "V", "F", "J", "A", "S", "E", "j", "/", "Q", "~", "[15]",
+		"|", "[17]", "s", "T", "*", "D", "\"", "=", "p", "B", "^", "t", "+", "u", "?",
+		"!", "[", "]", "e", "n", "@", "x", "f", "(", ")", "r",
+	}
 	if int(c) < len(mnemonics) {
 		return mnemonics[c]
 	}

@@ -180,7 +180,8 @@ type Ingest struct {
 type Stream struct {
 	// Group is the consumer group (and transactional id prefix).
 	Group string `yaml:"group"`
-	// Window is the tumbling window length.
+	// Window is the length of the window spec's tumbling window at whose
+	// every end a NEWS2 score is emitted from the values as of then.
 	Window time.Duration `yaml:"window"`
 	// OutOfOrderness is how far behind the patient's newest event time a
 	// sample may arrive and still fall in an open window.
@@ -213,6 +214,8 @@ type Stream struct {
 	// for good keeps its partitions until the session timeout; switch it
 	// off where instances come and go.
 	StaticMembership bool `yaml:"static_membership"`
+	// Windows configures the event-time windows and their features.
+	Windows StreamWindows `yaml:"windows"`
 }
 
 // Sink configures the ClickHouse sink.
@@ -338,6 +341,7 @@ func Default() Config {
 			MaxPollRecords:     10000,
 			CheckpointInterval: 5 * time.Second,
 			StaticMembership:   true,
+			Windows:            defaultStreamWindows(),
 		},
 		Sink: Sink{
 			Group:         "vigil-sink",
@@ -613,6 +617,7 @@ func (c *Config) Validate() error {
 	if c.Stream.OutOfOrderness < 0 {
 		bad("stream.out_of_orderness", "must not be negative")
 	}
+	c.Stream.Windows.validate(bad)
 	if c.Stream.CommitInterval <= 0 {
 		bad("stream.commit_interval", "must be positive")
 	}

@@ -40,10 +40,12 @@ type MLLP struct {
 	// within it is ACKed AA again but not republished. 0 disables.
 	DedupeWindow time.Duration `yaml:"dedupe_window"`
 	// DedupeSize bounds the remembered control ids (oldest forgotten first,
-	// counted in vigil_mllp_dedupe_evicted_total).
+	// counted in vigil_ingest_dedupe_evictions_total{filter="mllp_messages"}).
 	DedupeSize int `yaml:"dedupe_size"`
 	// RateLimit is the messages per second one source (sending facility,
-	// else remote host) may send before its ACKs are slowed; 0 disables.
+	// else remote host) may send before its ACKs are slowed (counted in
+	// vigil_ingest_rate_limited_total{source="mllp"}; a source held back
+	// longer than half of ack_timeout gets AE); 0 disables.
 	RateLimit float64 `yaml:"rate_limit"`
 	// RateBurst is how many messages a source may send at once above
 	// RateLimit.

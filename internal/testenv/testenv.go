@@ -100,6 +100,7 @@ func Config(t testing.TB, brokerAddr, chAddr string) config.Config {
 	cfg.DataDir = t.TempDir()
 	cfg.HTTP.Listen = "127.0.0.1:0"
 	cfg.MLLP.Listen = "127.0.0.1:0"
+	cfg.MQTT.Embedded.Listen = "127.0.0.1:0"
 	cfg.Status.Interval = 0
 	if brokerAddr != "" {
 		cfg.Kafka.Brokers = []string{brokerAddr}

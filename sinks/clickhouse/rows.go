@@ -51,7 +51,7 @@ var featureColumns = []string{
 	"tenant", "patient", "metric", "unit", "kind", "size_ms", "step_ms", "window_start", "window_start_ms",
 	"window_end_ms", "version", "count", "mean", "min", "max", "std", "last", "first_time_ms", "last_time_ms",
 	"slope_per_min", "median", "p05", "p95", "completeness", "derived.name", "derived.value",
-	"emitted_time_ms", "watermark_ms",
+	"emitted_time_ms", "watermark_ms", "window_name", "p25", "p75", "since_last_ms", "derived_metric",
 }
 
 var scoreColumns = []string{
@@ -154,6 +154,7 @@ func featureRows(value []byte) ([][]any, error) {
 			ws, w.GetStartMs(), w.GetEndMs(), w.GetVersion(), f.GetCount(), f.GetMean(), f.GetMin(), f.GetMax(),
 			f.GetStd(), f.GetLast(), f.GetFirstTimeMs(), f.GetLastTimeMs(), f.GetSlopePerMin(), f.GetMedian(),
 			f.GetP05(), f.GetP95(), f.GetCompleteness(), names, values, w.GetEmittedTimeMs(), w.GetWatermarkMs(),
+			w.GetWindow(), f.GetP25(), f.GetP75(), f.GetSinceLastMs(), boolByte(f.GetDerivedMetric()),
 		})
 	}
 	return rows, nil
