@@ -633,3 +633,50 @@ func TestReplayLastYearClosesEveryWindow(t *testing.T) {
 		}
 	}
 }
+
+// TestFlushOnShutdownOnlyWhenConfigured: the scenario ends with minute 3
+// open (HR 74 at +190 s, watermark +185 s). Stopped with
+// flush_on_shutdown off, nothing more comes out; on, the stop closes
+// [180 s, 240 s) and the five 5-minute windows holding minute 3 (ending
+// +240 ... +480 s), at watermark +480 s.
+func TestFlushOnShutdownOnlyWhenConfigured(t *testing.T) {
+	for _, flush := range []bool{false, true} {
+		cfg := testenv.Config(t, testenv.Kafka(t), "")
+		cfg.Stream.Windows.IdleTimeout = 0
+		cfg.Stream.Windows.FlushOnShutdown = flush
+		produce(t, cfg, scenarioBatches("st-mary", "p-001"))
+		r := start(t, cfg, "a")
+		waitCaughtUp(t, cfg, 30*time.Second)
+		r.stop(t)
+		out := readOutputs(t, cfg)
+		var late []*vigilv1.FeatureWindow
+		for _, fw := range out.fws {
+			if fw.EndMs > t0+180000 {
+				late = append(late, fw)
+			}
+		}
+		if !flush {
+			checkScenario(t, out.fws, out.scores, out.alerts, out.dls)
+			if len(late) != 0 {
+				t.Errorf("flush off: windows closed at stop: %v", late)
+			}
+			continue
+		}
+		ones, fives := only(late, "1m"), only(late, "5m")
+		if len(ones) != 1 || len(fives) != 5 || len(late) != 6 {
+			t.Fatalf("flush on: windows closed at stop: %v", late)
+		}
+		if f := feature(ones[0], "heart_rate"); ones[0].StartMs != t0+180000 || f.Count != 1 || f.Last != 74 || ones[0].WatermarkMs != t0+480000 {
+			t.Errorf("flush on: minute 3: %v", ones[0])
+		}
+		for i, fw := range fives {
+			if fw.EndMs != t0+int64(240+60*i)*1000 {
+				t.Errorf("flush on: 5-minute window %d ends at %d", i, fw.EndMs-t0)
+			}
+		}
+		// Window-end score at +240 s.
+		if s := out.scores[len(out.scores)-1]; s.EventTimeMs != t0+240000 {
+			t.Errorf("flush on: last score at +%d ms, want the window-end score at +240 s", s.EventTimeMs-t0)
+		}
+	}
+}

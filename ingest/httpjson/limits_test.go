@@ -5,6 +5,7 @@ import (
 	"encoding/json"
 	"net/http"
 	"net/http/httptest"
+	"strconv"
 	"sync"
 	"testing"
 	"time"
@@ -241,4 +242,39 @@ func counterValue(t *testing.T, reg *prometheus.Registry, name, source string) f
 	}
 	t.Fatalf("no %s{source=%q}", name, source)
 	return 0
+}
+
+// TestRetryAfterIsHonourable: a sender over its limit that waits the
+// Retry-After it was given is accepted; one that does not is refused again.
+func TestRetryAfterIsHonourable(t *testing.T) {
+	e, _ := startReg(t, func(c *config.Config) {
+		c.Ingest.RateLimit.SamplesPerSecond = 100
+		c.Ingest.RateLimit.Burst = 100
+	})
+	now := time.Now().Add(-time.Second).UnixMilli()
+	seq := 0
+	body := func(n int) map[string]any {
+		samples := make([]map[string]any, n)
+		for i := range samples {
+			seq++
+			samples[i] = map[string]any{"metric": "heart_rate", "value": 70, "time_ms": now + int64(seq), "seq": seq}
+		}
+		return map[string]any{"tenant": "st-mary", "patient": "p-1", "device": "hub-2", "samples": samples}
+	}
+	if resp, out := postJSON(t, e.url, body(100)); resp.StatusCode != http.StatusOK {
+		t.Fatalf("the burst: %d %s", resp.StatusCode, out)
+	}
+	resp, out := postJSON(t, e.url, body(50))
+	p := problemOf(t, resp, out, http.StatusTooManyRequests)
+	ra, err := strconv.Atoi(resp.Header.Get("Retry-After"))
+	if err != nil || ra != 1 || p.Reason != "rate_limited" {
+		t.Fatalf("Retry-After %q (%v), reason %q; want 1 second (50 samples at 100/s) and rate_limited", resp.Header.Get("Retry-After"), err, p.Reason)
+	}
+	if resp, _ := postJSON(t, e.url, body(50)); resp.StatusCode != http.StatusTooManyRequests {
+		t.Fatalf("sent again at once: %d, want 429", resp.StatusCode)
+	}
+	time.Sleep(time.Duration(ra) * time.Second)
+	if resp, out := postJSON(t, e.url, body(50)); resp.StatusCode != http.StatusOK {
+		t.Fatalf("after waiting Retry-After: %d %s", resp.StatusCode, out)
+	}
 }

@@ -28,12 +28,15 @@ import (
 // on a real site that CPU is the wearables', not Vigil's). Reports msgs/s
 // samples/s and the CPU per message.
 func BenchmarkMQTTIngest(b *testing.B) {
-	for _, clients := range []int{256, 1024} {
-		b.Run(fmt.Sprintf("devices=%d", clients), func(b *testing.B) { benchIngest(b, clients) })
+	for _, c := range []struct{ devices, window int }{{256, 1}, {1024, 1}, {256, 16}} {
+		b.Run(fmt.Sprintf("devices=%d/inflight=%d", c.devices, c.window), func(b *testing.B) { benchIngest(b, c.devices, c.window) })
 	}
 }
 
-func benchIngest(b *testing.B, clients int) {
+// benchIngest: window is how many messages a device sends at once before
+// it waits for their PUBACKs (1: a device that waits for each; more: a
+// device sending its backlog, as MQTT's receive maximum allows).
+func benchIngest(b *testing.B, clients, window int) {
 	const perMsg = 3
 	broker := testenv.Kafka(b)
 	cfg := testConfig(b, broker)
@@ -42,7 +45,7 @@ func benchIngest(b *testing.B, clients int) {
 	for i := range devs {
 		devs[i] = dialBenchDevice(b, e.svc.Addr(), i)
 	}
-	b.SetBytes(int64(len(devs[0].message(perMsg))))
+	b.SetBytes(int64(len(devs[0].message(perMsg, 1))))
 	devs[0].seq = 0
 	var next atomic.Int64
 	var failed atomic.Value
@@ -54,8 +57,8 @@ func benchIngest(b *testing.B, clients int) {
 		wg.Add(1)
 		go func(d *benchDevice) {
 			defer wg.Done()
-			for next.Add(1) <= int64(b.N) {
-				if err := d.roundTrip(perMsg); err != nil {
+			for next.Add(int64(window)) <= int64(b.N)+int64(window)-1 {
+				if err := d.roundTrip(perMsg, window); err != nil {
 					failed.Store(err)
 					return
 				}
@@ -114,9 +117,10 @@ func dialBenchDevice(b *testing.B, addr string, i int) *benchDevice {
 		t0: time.Now().Add(-time.Hour).UnixMilli()}
 }
 
-// message encodes the next PUBLISH: perMsg heart-rate samples with new
-// sequence numbers, the JSON of POST /v1/samples.
-func (d *benchDevice) message(perMsg int) []byte {
+// message encodes the next PUBLISH (packet id id): perMsg heart-rate
+// samples with new sequence numbers, the JSON of POST /v1/samples.
+func (d *benchDevice) message(perMsg int, id uint16) []byte {
+	d.head[len(d.head)-2], d.head[len(d.head)-1] = byte(id>>8), byte(id)
 	body := append(d.body[:0], `{"patient":"`...)
 	body = append(body, d.patient...)
 	body = append(body, `","samples":[`...)
@@ -136,8 +140,8 @@ func (d *benchDevice) message(perMsg int) []byte {
 	body = append(body, "]}"...)
 	d.body = body
 	n := len(d.head) + len(body)
-	pkt := append(d.pkt[:0], packets.Publish<<4|1<<1) // QoS 1
-	for {                                             // remaining length, variable byte integer
+	pkt := append(d.pkt, packets.Publish<<4|1<<1) // QoS 1
+	for {                                         // remaining length, variable byte integer
 		e := byte(n % 128)
 		n /= 128
 		if n > 0 {
@@ -154,17 +158,24 @@ func (d *benchDevice) message(perMsg int) []byte {
 	return pkt
 }
 
-// roundTrip sends the next PUBLISH and reads its PUBACK.
-func (d *benchDevice) roundTrip(perMsg int) error {
-	if _, err := d.conn.Write(d.message(perMsg)); err != nil {
+// roundTrip sends the next window PUBLISH packets in one write and reads
+// their PUBACKs, in order.
+func (d *benchDevice) roundTrip(perMsg, window int) error {
+	d.pkt = d.pkt[:0]
+	for i := 1; i <= window; i++ {
+		d.message(perMsg, uint16(i))
+	}
+	if _, err := d.conn.Write(d.pkt); err != nil {
 		return err
 	}
 	_ = d.conn.SetReadDeadline(time.Now().Add(60 * time.Second))
-	if _, err := io.ReadFull(d.rd, d.ack[:]); err != nil {
-		return fmt.Errorf("waiting for PUBACK: %w", err)
-	}
-	if d.ack[0] != packets.Puback<<4 || d.ack[1] != 2 || d.ack[3] != 1 {
-		return fmt.Errorf("want PUBACK 1, got % x", d.ack)
+	for i := 1; i <= window; i++ {
+		if _, err := io.ReadFull(d.rd, d.ack[:]); err != nil {
+			return fmt.Errorf("waiting for PUBACK: %w", err)
+		}
+		if d.ack[0] != packets.Puback<<4 || d.ack[1] != 2 || int(d.ack[2])<<8|int(d.ack[3]) != i {
+			return fmt.Errorf("want PUBACK %d, got % x", i, d.ack)
+		}
 	}
 	return nil
 }

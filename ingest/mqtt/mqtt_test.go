@@ -1,6 +1,7 @@
 package mqtt
 
 import (
+	"bytes"
 	"context"
 	"fmt"
 	"io"
@@ -370,5 +371,50 @@ func waitFor(t *testing.T, cond func() bool) {
 			t.Fatal("condition not met within 10s")
 		}
 		time.Sleep(50 * time.Millisecond)
+	}
+}
+
+// A device may send several QoS 1 messages without waiting for each
+// PUBACK (up to the receive maximum): they are acknowledged in the order
+// sent, each only once Kafka has it, and their samples are on the
+// partition in the order sent.
+func TestPipelinedPublishesInOrder(t *testing.T) {
+	broker := testenv.Kafka(t)
+	e := start(t, testConfig(t, broker), false)
+	c := dialRaw(t, e.svc.Addr(), "pipeliner", 4, true)
+	const n = 40
+	var all []byte
+	for i := 1; i <= n; i++ {
+		pk := packets.Packet{FixedHeader: packets.FixedHeader{Type: packets.Publish, Qos: 1}, ProtocolVersion: 4,
+			TopicName: "vigil/st-mary/watch-p/samples", PacketID: uint16(i), Payload: payload("p-pipe", i, 2)}
+		var buf bytes.Buffer
+		if err := pk.PublishEncode(&buf); err != nil {
+			t.Fatal(err)
+		}
+		all = append(all, buf.Bytes()...)
+	}
+	if _, err := c.conn.Write(all); err != nil { // one write: n messages in flight
+		t.Fatal(err)
+	}
+	for i := 1; i <= n; i++ {
+		pk, err := c.read(10 * time.Second)
+		if err != nil || pk.FixedHeader.Type != packets.Puback || pk.PacketID != uint16(i) {
+			t.Fatalf("PUBACK %d: got %+v id %d, %v", i, pk.FixedHeader, pk.PacketID, err)
+		}
+	}
+	// Every PUBACK arrived: all samples are in Kafka, in the order sent.
+	var seqs []uint64
+	for _, b := range batches(t, broker, e.cfg.Kafka.Topics.Samples) {
+		for _, s := range b.Samples {
+			seqs = append(seqs, s.Sequence)
+		}
+	}
+	if len(seqs) != 2*n {
+		t.Fatalf("%d samples in Kafka, want %d", len(seqs), 2*n)
+	}
+	for i := 1; i < len(seqs); i++ {
+		if seqs[i] <= seqs[i-1] {
+			t.Fatalf("samples out of order on the partition: %v", seqs)
+		}
 	}
 }

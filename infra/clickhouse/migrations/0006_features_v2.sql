@@ -7,9 +7,10 @@
 -- written before this migration read '' / 0 there.
 --
 -- One ALTER with every column: the server applies it as one change of the
--- table's metadata. IF NOT EXISTS (which makes a re-run after an
--- interruption between this statement and the migration's record a no-op)
--- is not in 18.16's grammar.
+-- table's metadata. Servers from 20.1 skip columns already there; 18.16
+-- cannot (its grammar has no such clause), so there a run interrupted
+-- between this ALTER and the migration's record fails on the next run with
+-- "column already exists" and the record must be added by hand.
 ALTER TABLE {{.DB}}.features
     ADD COLUMN {{if .AtLeast 20 1}}IF NOT EXISTS {{end}}window_name LowCardinality(String) DEFAULT '' AFTER kind,
     ADD COLUMN {{if .AtLeast 20 1}}IF NOT EXISTS {{end}}derived_metric UInt8 DEFAULT 0 AFTER metric,
