@@ -67,7 +67,7 @@ fuzz:
 	  for f in $$(cat $$dir/*_test.go 2>/dev/null | grep -o '^func Fuzz[A-Za-z0-9_]*' | cut -c6- | sort -u); do \
 	    [[ $$f =~ $(FUZZ) ]] || continue; \
 	    echo "== $$pkg $$f ($(FUZZTIME))"; \
-	    $(GO) test -run '^$$' -fuzz "^$$f\$$" -fuzztime $(FUZZTIME) $$pkg; n=$$((n+1)); \
+	    $(GO) test -run '^$$' -fuzz "^$$f\$$" -fuzztime $(FUZZTIME) -fuzzminimizetime 5s $$pkg; n=$$((n+1)); \
 	  done; \
 	done; \
 	echo "fuzz: $$n targets ran for $(FUZZTIME) each without a failure"

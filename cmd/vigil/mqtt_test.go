@@ -15,7 +15,8 @@ import (
 )
 
 // TestMQTTExactlyOnceAcrossRestart is the wearable's view of `vigil run`: a
-// paho client with a persistent session publishes QoS 1 messages to the
+// paho client with a persistent session publishes QoS 1 messages (several
+// in flight) to the
 // embedded broker while `vigil run` is stopped (SIGTERM) and started again
 // in the middle of the stream. The client keeps what was not acknowledged
 // and sends it again once it reconnects; every sample must then be in
@@ -72,28 +73,34 @@ func TestMQTTExactlyOnceAcrossRestart(t *testing.T) {
 		b.WriteString("]}")
 		return []byte(b.String())
 	}
-	// The device's loop: one message after the other, each waited for. A
-	// publish paho refuses at once (not connected at all) is sent again by
-	// the loop; one that went out stays in paho's store until acknowledged
+	// The device's loop: five messages at a time without waiting for each
+	// PUBACK (paho keeps several in flight), then their tokens. A publish
+	// paho refuses at once (not connected at all) is sent again by the
+	// loop; one that went out stays in paho's store until acknowledged
 	// and is re-sent after a reconnect.
+	const window = 5
 	var sent atomic.Int64
 	deviceDone := make(chan struct{})
 	go func() {
 		defer close(deviceDone)
-		for m := 0; m < msgs; m++ {
-			for attempt := 0; ; attempt++ {
-				tok := c.Publish("vigil/e2e/watch-e2e-1/samples", 1, false, body(m))
-				if tok.WaitTimeout(120*time.Second) && tok.Error() == nil {
-					break
-				}
-				if attempt > 600 {
-					t.Errorf("message %d never published: %v", m, tok.Error())
-					return
-				}
-				time.Sleep(100 * time.Millisecond)
+		const topic = "vigil/e2e/watch-e2e-1/samples"
+		for m0 := 0; m0 < msgs; m0 += window {
+			toks := make([]paho.Token, 0, window)
+			for m := m0; m < m0+window && m < msgs; m++ {
+				toks = append(toks, c.Publish(topic, 1, false, body(m)))
 			}
-			sent.Add(1)
-			time.Sleep(10 * time.Millisecond)
+			for k, tok := range toks {
+				for attempt := 0; !tok.WaitTimeout(120*time.Second) || tok.Error() != nil; attempt++ {
+					if attempt > 600 {
+						t.Errorf("message %d never published: %v", m0+k, tok.Error())
+						return
+					}
+					time.Sleep(100 * time.Millisecond)
+					tok = c.Publish(topic, 1, false, body(m0+k))
+				}
+				sent.Add(1)
+			}
+			time.Sleep(20 * time.Millisecond)
 		}
 	}()
 

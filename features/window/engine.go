@@ -224,7 +224,8 @@ const (
 	// TooLate: its pane ended allowed_lateness or more before the
 	// watermark; nothing changed.
 	TooLate
-	// OutOfRange: the value does not fit the metric's resolution range.
+	// OutOfRange: the value does not fit the metric's resolution range,
+	// or the event time is beyond ±2^50 ms of the epoch.
 	OutOfRange
 	// NotWindowed: the metric is in no window of the spec.
 	NotWindowed
@@ -235,6 +236,9 @@ const (
 // batch.
 func (e *Engine) Add(p *Patient, mi int, t int64, v float64) AddResult {
 	m := &e.metrics[mi]
+	if !inTimeRange(t) {
+		return OutOfRange
+	}
 	if m.defs == 0 {
 		p.maxEvent = max(p.maxEvent, t)
 		return NotWindowed
@@ -374,7 +378,11 @@ func (e *Engine) Flush(p *Patient, b *Batch, tenant, patient string) {
 
 // Touch records the event time t of a sample of a metric the spec does not
 // know, so that the patient's watermark follows every sample it sends.
-func (e *Engine) Touch(p *Patient, t int64) { p.maxEvent = max(p.maxEvent, t) }
+func (e *Engine) Touch(p *Patient, t int64) {
+	if inTimeRange(t) {
+		p.maxEvent = max(p.maxEvent, t)
+	}
+}
 
 // Idle closes the windows of a patient that has sent nothing for longer
 // than the caller's idle timeout (processing time, read from the caller's

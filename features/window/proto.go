@@ -74,6 +74,9 @@ func (e *Engine) FromProto(ps *vigilv1.PatientState) (*Patient, error) {
 		return p, nil
 	}
 	p.wm, p.maxEvent = ps.GetWatermarkMs(), ps.GetMaxEventTimeMs()
+	if (p.wm != noEvent && !inTimeRange(p.wm)) || (p.maxEvent != noEvent && !inTimeRange(p.maxEvent)) {
+		return nil, fmt.Errorf("restoring windows: watermark %d or newest event time %d out of range", p.wm, p.maxEvent)
+	}
 	for _, ws := range ps.GetSeries() {
 		mi, ok := e.Metric(ws.GetMetric())
 		if !ok {
@@ -83,6 +86,10 @@ func (e *Engine) FromProto(ps *vigilv1.PatientState) (*Patient, error) {
 		s := p.seriesFor(mi, m.desat != nil || m.wearGapS > 0 || m.hrv || m.session >= 0)
 		for _, pb := range ws.GetPanes() {
 			pn, runs, err := paneFromPB(pb)
+			if err == nil && (Start(pn.start, e.paneMs) != pn.start || pn.first < 0 || int64(pn.last) >= e.paneMs ||
+				pn.first > pn.last || (len(s.panes) > 0 && s.panes[len(s.panes)-1].start >= pn.start)) {
+				err = fmt.Errorf("pane at %d: not a %d ms pane after the previous one, or offsets %d..%d outside it", pn.start, e.paneMs, pn.first, pn.last)
+			}
 			if err != nil {
 				return nil, fmt.Errorf("restoring windows of %s: %w", ws.GetMetric(), err)
 			}
@@ -97,10 +104,16 @@ func (e *Engine) FromProto(ps *vigilv1.PatientState) (*Patient, error) {
 			continue
 		}
 		for _, t := range ws.GetSequence() {
+			if !inTimeRange(t.GetTimeMs()) {
+				return nil, fmt.Errorf("restoring windows of %s: sample time %d out of range", ws.GetMetric(), t.GetTimeMs())
+			}
 			s.x.seq = append(s.x.seq, timed{t.GetTimeMs(), t.GetKey()})
 		}
 		for _, pb := range ws.GetSessions() {
 			pn, runs, err := paneFromPB(pb)
+			if err == nil && (pn.first < 0 || pn.first > pn.last || m.session < 0) {
+				err = fmt.Errorf("session at %d: offsets %d..%d, or the metric has no session window", pn.start, pn.first, pn.last)
+			}
 			if err != nil {
 				return nil, fmt.Errorf("restoring session of %s: %w", ws.GetMetric(), err)
 			}
@@ -112,6 +125,9 @@ func (e *Engine) FromProto(ps *vigilv1.PatientState) (*Patient, error) {
 			d.started, d.paneMs, d.hasBase, d.baseline = ds.GetStarted(), ds.GetPaneMs(), ds.GetHasBaseline(), ds.GetBaselineKey()
 			d.inEvent, d.eventStart, d.eventLastLow, d.counted = ds.GetInEvent(), ds.GetEventStartMs(), ds.GetEventLastMs(), ds.GetCounted()
 			for _, t := range ds.GetPending() {
+				if !inTimeRange(t.GetTimeMs()) || m.desat == nil {
+					return nil, fmt.Errorf("restoring desaturation of %s: sample time %d out of range, or no detector", ws.GetMetric(), t.GetTimeMs())
+				}
 				d.pending = append(d.pending, timed{t.GetTimeMs(), t.GetKey()})
 			}
 		}
@@ -127,13 +143,23 @@ func (e *Engine) FromProto(ps *vigilv1.PatientState) (*Patient, error) {
 		if di < 0 {
 			return nil, fmt.Errorf("restoring windows: window %q is not in the window spec", c.GetWindow())
 		}
+		if !inTimeRange(c.GetEndMs()) {
+			return nil, fmt.Errorf("restoring windows: correction end %d out of range", c.GetEndMs())
+		}
 		p.corr = append(p.corr, correction{def: uint8(di), end: c.GetEndMs(), version: c.GetVersion()})
 	}
 	return p, nil
 }
 
+// inTimeRange reports whether an event time (Unix ms) is one the engine
+// takes: within ±2^50 ms (some 35,000 years) of the epoch, far from where
+// window arithmetic would overflow.
+func inTimeRange(t int64) bool { return t >= -maxTimeMs && t <= maxTimeMs }
+
+const maxTimeMs = 1 << 50
+
 func paneFromPB(pb *vigilv1.WindowPane) (pane, []run, error) {
-	if len(pb.GetRunKeys()) != len(pb.GetRunCounts()) || len(pb.GetRunKeys()) > 65535 || pb.GetCount() == 0 {
+	if len(pb.GetRunKeys()) != len(pb.GetRunCounts()) || len(pb.GetRunKeys()) > 65535 || pb.GetCount() == 0 || !inTimeRange(pb.GetStartMs()) {
 		return pane{}, nil, fmt.Errorf("pane at %d: %d run keys, %d run counts, count %d", pb.GetStartMs(), len(pb.GetRunKeys()), len(pb.GetRunCounts()), pb.GetCount())
 	}
 	runs := make([]run, len(pb.GetRunKeys()))

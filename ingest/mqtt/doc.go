@@ -24,7 +24,8 @@
 // authorises. A sample may name another device (a gateway relaying
 // several). Samples carry source "mqtt". No compact payload is defined: the
 // JSON above is about 60 bytes per sample, which a wearable batching a few
-// seconds of readings per message sends comfortably.
+// seconds of readings per message sends comfortably, and one format means
+// one decoder (fuzzed with the HTTP path's) and one set of refusals.
 //
 // Topics under vigil/ that are not of that form are refused (dead letter
 // with reason unsupported_message, field topic). Other topics are plain MQTT
@@ -33,10 +34,15 @@
 // # Acknowledgement
 //
 // A QoS 1 PUBLISH is acknowledged (PUBACK) only after Kafka acknowledged its
-// samples and dead letters: the hook runs on the client's read goroutine and
-// mochi writes the PUBACK only after OnPublish returns, so a client's
-// messages are processed in order and a slow Kafka slows its PUBACKs
-// (backpressure). Then:
+// samples and dead letters. The hook takes each ingest PUBLISH off the
+// client's read loop onto that client's worker (a bounded queue of
+// clientQueue messages; when it is full the read loop waits, which stops
+// reading the socket: backpressure). The worker takes what is queued (up to
+// maxBatch messages), writes their samples to Kafka in one call, in order
+// (httpjson.Handler.AcceptBatch), then writes their PUBACKs in order in one
+// write. So a device may pipeline (send messages without waiting for each
+// PUBACK, as MQTT's receive maximum allows) and costs one Kafka round trip
+// per batch, and its samples keep their order on their partition. Then:
 //
 //   - all samples accepted: PUBACK (reason 0x00);
 //   - some or all refused (invalid JSON, out of range, unknown metric, ...):
@@ -46,18 +52,28 @@
 //     a payload over mqtt.max_payload_bytes); MQTT 3.1.1 gets a plain PUBACK
 //     (the message can never succeed; it is dead-lettered);
 //   - Kafka did not acknowledge (unavailable, kafka.produce_timeout): no
-//     PUBACK; the connection is closed (MQTT 5: DISCONNECT 0x89 server busy)
-//     so the client, reconnecting with its session, sends the message again.
-//     MQTT 5 gets PUBACK 0x80 when Kafka refused it permanently.
+//     PUBACK for it nor for what the client sent after it; the connection
+//     is closed (MQTT 5: DISCONNECT 0x89 server busy, MQTT 3.1.1 has no
+//     server DISCONNECT) so the client, reconnecting with its session,
+//     sends them again. MQTT 5 gets PUBACK 0x80 when Kafka refused it
+//     permanently (it would never succeed).
 //
 // A QoS 0 message is ingested the same way but never acknowledged; it is
-// lost if Kafka is down (logged). On stop, new QoS 1 publishes are refused
-// unacknowledged (the client re-sends them after the restart), publishes in
-// flight finish and are acknowledged (mqtt.embedded.drain_timeout), then the
-// connections close. A client re-sending a message whose PUBACK it missed
-// produces the same samples again: the ClickHouse samples table is a
-// ReplacingMergeTree on the sample's identity, so they count once through
-// FINAL (the samples_final view).
+// lost if Kafka is down (logged). Ingest messages are not relayed to MQTT
+// subscribers: they are on vigil.samples.v1, and relaying would show every
+// patient's data to any client allowed to subscribe. On stop, new QoS 1
+// publishes are refused unacknowledged (the client re-sends them after the
+// restart), publishes in flight finish and are acknowledged
+// (mqtt.embedded.drain_timeout), then the connections close. A client
+// re-sending a message whose PUBACK it missed produces the same samples
+// again: within ingest.dedupe_window the ingest drops the repeated device
+// sequences, and the ClickHouse samples table is a ReplacingMergeTree on
+// the sample's identity, so they count once through FINAL (samples_final).
+//
+// The rate limit of ingest.rate_limit applies per tenant and device; over
+// it, a device is slowed down (its PUBACKs wait), not refused. Samples
+// without a patient take the patient bound to their device (WithResolver),
+// as over HTTP.
 //
 // # Authentication
 //
