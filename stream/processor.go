@@ -354,10 +354,10 @@ func (p *Processor) runSession(ctx context.Context) error {
 		kgo.ConsumeResetOffset(kgo.NewOffset().AtStart()),
 		kgo.TransactionalID(p.txnID),
 		kgo.FetchIsolationLevel(kgo.ReadCommitted()),
+		// (The restore replays input up to the committed offsets it read
+		// with RequireStable; franz-go's group consumer always fetches
+		// them stable too, so it starts from the same ones.)
 		kgo.BlockRebalanceOnPoll(),
-		// The restore replays input up to the committed offsets it read
-		// with RequireStable: the group must start from the same ones.
-		kgo.RequireStableFetchOffsets(),
 		kgo.RecordPartitioner(partitioner{state: p.cfg.Kafka.Topics.State, keyed: kgo.StickyKeyPartitioner(nil)}),
 		kgo.OnPartitionsAssigned(s.onAssigned),
 		kgo.OnPartitionsRevoked(s.onRevoked),
@@ -382,6 +382,12 @@ func (p *Processor) runSession(ctx context.Context) error {
 		s.mu.Lock()
 		s.parts = map[int32]*partState{}
 		s.updateGauge()
+		for _, w := range s.workers {
+			w.out.release()
+		}
+		if s.timers.w != nil {
+			s.timers.w.out.release()
+		}
 		s.mu.Unlock()
 	}()
 	p.log.Info("stream processor joining group", "group", p.cfg.Stream.Group, "transactional_id", p.txnID,
@@ -495,9 +501,9 @@ type session struct {
 	workers  []*worker
 	// txn-local counts
 	nFeatures, nScores, nStates int
-	samples, late             int
-	nAlerts                   map[vigilv1.AlertEventType]int
-	nDeadBy                   map[string]int
+	samples, late               int
+	nAlerts                     map[vigilv1.AlertEventType]int
+	nDeadBy                     map[string]int
 	// timers: idle timeout and flush on shutdown (engine.go)
 	timers windowTimers
 }

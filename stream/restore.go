@@ -169,6 +169,7 @@ func (s *session) replay(ctx context.Context, adm *kadm.Client, fresh map[int32]
 		n     int64
 		spans = map[int32]int64{}
 	)
+	defer out.release()
 	now := s.p.clock.Now().UnixMilli()
 	at := time.Now()
 	for len(until) > 0 {

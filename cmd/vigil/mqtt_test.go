@@ -35,6 +35,7 @@ func TestMQTTExactlyOnceAcrossRestart(t *testing.T) {
 		"--set", fmt.Sprintf("clickhouse.local.tcp_port=%d", chTCP),
 		"--set", fmt.Sprintf("clickhouse.local.http_port=%d", chHTTP),
 		"--set", "mqtt.embedded.listen=" + mqttAddr,
+		"--set", "mllp.listen=127.0.0.1:0",
 		"--set", "status.interval=0s"}
 	base := fmt.Sprintf("http://127.0.0.1:%d", httpPort)
 	p := startVigil(t, args...)

@@ -156,7 +156,7 @@ func TestRunSimulateStopRestart(t *testing.T) {
 		"--set", fmt.Sprintf("kafka.embedded.listen=127.0.0.1:%d", kafkaPort),
 		"--set", fmt.Sprintf("clickhouse.local.tcp_port=%d", chTCP),
 		"--set", fmt.Sprintf("clickhouse.local.http_port=%d", chHTTP),
-		"--set", "status.interval=2s"}
+		"--set", "status.interval=2s", "--set", "mllp.listen=127.0.0.1:0"}
 	base := fmt.Sprintf("http://127.0.0.1:%d", httpPort)
 	started := time.Now()
 	p := startVigil(t, args...)

@@ -34,8 +34,10 @@ import (
 // otherwise it is added, and every already closed window containing it is
 // re-emitted at the next Advance with version+1 (a correction). Panes are
 // dropped when no window containing them can be emitted or corrected again.
-// Nothing here reads a clock: idle timeouts are the caller's (it passes a
-// watermark to Advance or calls Flush).
+// A sample is in all of its windows or in none: it is too late when its
+// pane (so its shortest window) closed allowed_lateness or more before the
+// watermark. Nothing here reads a clock: the caller decides, on processing
+// time, that a patient is idle (Idle) or that the stage stops (Flush).
 
 // noEvent is the watermark/max event time of a patient without data.
 const noEvent = math.MinInt64

@@ -266,12 +266,17 @@ func (h *Handler) handle(ctx context.Context, raw []byte, remote string) (string
 			Code: code, Severity: hl7.SeverityError, Reason: validate.UnsupportedMessage,
 			Message: fmt.Sprintf("message type %s^%s is not taken: Vigil takes ORU^R01 and ADT", hd.Type, hd.Trigger)})
 	}
-	// A message sent again has the same control id, sender and type.
+	// A message sent again has the same control id: unique per tenant
+	// and source (the samples contract), so that the filter can be warmed
+	// up from the samples topic after a restart (warmDedupe).
 	var key dedupe.Key
 	if h.dedupe != nil {
 		var buf [256]byte
-		key = h.dedupe.Key(dedupe.MessageKey(buf[:0], "mllp",
-			tenant+"\x00"+hd.SendingApp+"\x00"+hd.SendingFacility+"\x00"+hd.Type+"^"+hd.Trigger, hd.ControlID))
+		if oru {
+			key = h.dedupe.Key(oruKey(buf[:0], tenant, hd.ControlID))
+		} else {
+			key = h.dedupe.Key(dedupe.MessageKey(buf[:0], "mllp", tenant+"\x00"+hd.Type, hd.ControlID))
+		}
 	}
 	if h.dedupe != nil && h.dedupe.ContainsKey(key) {
 		h.m.duplicates.Inc()
@@ -428,4 +433,10 @@ func (h *Handler) tooLarge(ctx context.Context, remote string, prefix []byte, li
 	ack := h.refuse(ctx, hd, h.tenantOf(hd.SendingFacility), remote, prefix, iss)
 	h.m.messages.WithLabelValues("too_large", string(ack[bytes.Index(ack, []byte("MSA|"))+4:][:2])).Inc()
 	return ack
+}
+
+// oruKey is the duplicate-filter key of an ORU message: its tenant and
+// control id (what its sample batches carry as tenant and message_id).
+func oruKey(buf []byte, tenant, controlID string) []byte {
+	return dedupe.MessageKey(buf, "mllp", tenant+"\x00ORU", controlID)
 }

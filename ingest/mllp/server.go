@@ -32,6 +32,7 @@ type Server struct {
 	h        *Handler
 	log      *slog.Logger
 	cfg      config.MLLP
+	kafka    config.Kafka
 	sem      chan struct{}
 	conns    prometheus.Gauge
 	garbage  prometheus.Counter
@@ -60,6 +61,7 @@ func New(cfg config.Config, deps stage.Deps, opts Options) (*Server, error) {
 	s := &Server{
 		log:      deps.Log,
 		cfg:      cfg.MLLP,
+		kafka:    cfg.Kafka,
 		sem:      make(chan struct{}, max(cfg.MLLP.MaxConnections, 1)),
 		open:     map[net.Conn]struct{}{},
 		stopRead: make(chan struct{}),
@@ -124,10 +126,18 @@ func (s *Server) TLS() bool { return s.cfg.TLSCert != "" }
 // transports).
 func (s *Server) Handler() *Handler { return s.h }
 
-// Run accepts connections until ctx ends; then it stops accepting, lets
+// Run first refills the duplicate filter from the samples topic (see
+// warmDedupe), then accepts connections until ctx ends; then it stops accepting, lets
 // every connection finish (and ACK) the message it is processing, closes
 // them and returns nil.
 func (s *Server) Run(ctx context.Context) error {
+	// Connections wait in the accept backlog while the duplicate filter
+	// learns what was accepted before a restart.
+	if n, err := s.warmDedupe(ctx, s.kafka); err != nil {
+		s.log.Warn("mllp dedupe warm-up incomplete: messages re-sent from before it may be stored twice until merged", "ids", n, "err", err)
+	} else if n > 0 {
+		s.log.Info("mllp dedupe warmed up from the samples topic", "ids", n)
+	}
 	errc := make(chan error, 1)
 	go func() { errc <- s.accept() }()
 	select {

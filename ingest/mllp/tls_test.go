@@ -13,8 +13,11 @@ import (
 	"net"
 	"os"
 	"path/filepath"
+	"strings"
 	"testing"
 	"time"
+
+	"github.com/prometheus/client_golang/prometheus/testutil"
 
 	"github.com/vigilhealth/vigil/ingest/hl7"
 	"github.com/vigilhealth/vigil/ingest/publish"
@@ -152,5 +155,33 @@ func TestSlowKafkaHoldsTheACK(t *testing.T) {
 	}
 	if n := len(testenv.ReadAll(t, broker, cfg.Kafka.Topics.Samples)); n != 1 {
 		t.Errorf("%d records on the topic after the AA, want 1", n)
+	}
+}
+
+// TestDedupeSurvivesRestart: a gateway that lost the ACK of a message while
+// Vigil restarted sends it again to the new process; the new listener,
+// having re-read the samples topic, ACKs it AA (duplicate) without
+// publishing it again.
+func TestDedupeSurvivesRestart(t *testing.T) {
+	broker := testenv.Kafka(t)
+	cfg := testenv.Config(t, broker, "")
+	msg := pcd("RESTART-1", "MRN-1", "DEV", time.Now().Add(-time.Minute), 70, "\r")
+	first := startServer(t, cfg, nil, Options{})
+	if code, _ := msa(dial(t, first.Addr()).roundTrip(msg)); code != "AA" {
+		t.Fatalf("first: %s", code)
+	}
+	second := startServer(t, cfg, nil, Options{}) // a new process: empty filter
+	ack := dial(t, second.Addr()).roundTrip(msg)
+	if code, ctl := msa(ack); code != "AA" || ctl != "RESTART-1" {
+		t.Fatalf("sent again after the restart: %s %s", code, ctl)
+	}
+	if e := errs(ack); len(e) != 1 || !strings.Contains(e[0], "|205|I|") {
+		t.Errorf("ERR %v, want one 205 duplicate (I)", e)
+	}
+	if d := testutil.ToFloat64(second.h.m.duplicates); d != 1 {
+		t.Errorf("duplicates on the new listener %v, want 1", d)
+	}
+	if n := len(readBatches(t, broker, cfg.Kafka.Topics.Samples)); n != 1 {
+		t.Errorf("%d batches on the topic, want 1", n)
 	}
 }

@@ -2,7 +2,6 @@ package mqtt
 
 import (
 	"context"
-	"errors"
 	"fmt"
 	"log/slog"
 	"strconv"
@@ -280,9 +279,6 @@ func clipTopic(t string) string {
 
 // sinceSeconds is the PUBACK latency observed by both modes.
 func sinceSeconds(t time.Time) float64 { return time.Since(t).Seconds() }
-
-// errClosed is returned by Run and handlers after Close.
-var errClosed = errors.New("mqtt ingest closed")
 
 // drainGroup counts publishes in flight to Kafka and lets a stop wait for
 // them; unlike sync.WaitGroup it can be waited on with a deadline.

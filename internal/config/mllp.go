@@ -35,9 +35,10 @@ type MLLP struct {
 	Tenant string `yaml:"tenant"`
 	// Tenants maps a sending facility (MSH-4 namespace id) to its tenant.
 	Tenants map[string]string `yaml:"tenants"`
-	// DedupeWindow is how long a message control id (MSH-10, per sending
-	// application and facility) is remembered: a message sent again
-	// within it is ACKed AA again but not republished. 0 disables.
+	// DedupeWindow is how long a message control id (MSH-10, unique per
+	// tenant) is remembered: a message sent again within it is ACKed AA
+	// again but not republished, also across a restart (the ids are
+	// re-read from the samples topic at start). 0 disables.
 	DedupeWindow time.Duration `yaml:"dedupe_window"`
 	// DedupeSize bounds the remembered control ids (oldest forgotten first,
 	// counted in vigil_ingest_dedupe_evictions_total{filter="mllp_messages"}).

@@ -4,21 +4,25 @@ import (
 	"bytes"
 	"context"
 	"encoding/json"
+	"fmt"
 	"io"
 	"net/http"
 	"strings"
 	"testing"
 	"time"
 
+	paho "github.com/eclipse/paho.mqtt.golang"
+
 	"github.com/vigilhealth/vigil/internal/testenv"
 	chsink "github.com/vigilhealth/vigil/sinks/clickhouse"
 )
 
-// The platform serves the FHIR endpoints on its HTTP API and reports the
-// MQTT broker in /readyz: an Observation POSTed to /fhir/Observation is
-// answered 201 and lands in ClickHouse; a Bundle gets a batch-response; a
-// non-vital-sign gets an OperationOutcome.
-func TestFHIRAndMQTTWired(t *testing.T) {
+// The platform serves the FHIR endpoints on its HTTP API and the embedded
+// MQTT broker (the short version of TestMQTTExactlyOnceAcrossRestart): an
+// Observation POSTed to /fhir/Observation is answered 201 and lands in
+// ClickHouse; a Bundle gets a batch-response, refusing a non-vital-sign;
+// a QoS 1 MQTT publish lands in ClickHouse with source mqtt.
+func TestGatewaysWired(t *testing.T) {
 	brokerAddr, chAddr := testenv.Kafka(t), testenv.ClickHouse(t)
 	base, p := startPlatform(t, brokerAddr, chAddr, testenv.Logger(t))
 
@@ -81,6 +85,17 @@ func TestFHIRAndMQTTWired(t *testing.T) {
 		t.Fatalf("POST /fhir batch: %d %s (%v)", resp.StatusCode, out, err)
 	}
 
+	mc := paho.NewClient(paho.NewClientOptions().AddBroker("tcp://" + p.cfg.MQTT.Embedded.Listen).SetClientID("watch-wired"))
+	if tok := mc.Connect(); !tok.WaitTimeout(10*time.Second) || tok.Error() != nil {
+		t.Fatalf("connecting to the embedded broker %s: %v", p.cfg.MQTT.Embedded.Listen, tok.Error())
+	}
+	defer mc.Disconnect(50)
+	msg := fmt.Sprintf(`{"patient":"mqtt-p1","samples":[{"metric":"heart_rate","value":77,"time_ms":%d,"seq":1},{"metric":"spo2","value":97,"time_ms":%d,"seq":2}]}`,
+		at.UnixMilli(), at.UnixMilli())
+	if tok := mc.Publish("vigil/st-mary/watch-wired/samples", 1, false, msg); !tok.WaitTimeout(10*time.Second) || tok.Error() != nil {
+		t.Fatalf("mqtt publish: %v", tok.Error())
+	}
+
 	conn, err := chsink.Open(context.Background(), p.cfg.ClickHouse)
 	if err != nil {
 		t.Fatal(err)
@@ -88,6 +103,9 @@ func TestFHIRAndMQTTWired(t *testing.T) {
 	defer conn.Close()
 	if n := waitCount(t, conn, "SELECT count() FROM samples WHERE tenant = 'st-mary' AND patient = 'fhir-p1' AND source = 'fhir'", 2, 30*time.Second); n != 2 {
 		t.Fatalf("fhir samples in clickhouse: %d, want 2", n)
+	}
+	if n := waitCount(t, conn, "SELECT count() FROM samples WHERE tenant = 'st-mary' AND patient = 'mqtt-p1' AND device = 'watch-wired' AND source = 'mqtt'", 2, 30*time.Second); n != 2 {
+		t.Fatalf("mqtt samples in clickhouse: %d, want 2", n)
 	}
 	var hr float64
 	var device string
