@@ -165,7 +165,7 @@ func TestEndToEndKnownVitals(t *testing.T) {
 		mean, minV, maxV, last float64
 	)
 	err = conn.QueryRow(context.Background(), `SELECT count, mean, min, max, last FROM features FINAL
-		WHERE patient = 'p-001' AND metric = 'heart_rate' AND window_start_ms = ?`, t0).Scan(&count, &mean, &minV, &maxV, &last)
+		WHERE patient = 'p-001' AND metric = 'heart_rate' AND window_name = '1m' AND window_start_ms = ?`, t0).Scan(&count, &mean, &minV, &maxV, &last)
 	if err != nil {
 		t.Fatal(err)
 	}
