@@ -29,7 +29,9 @@ func benchSend(b *testing.B, conns int, every time.Duration) []time.Duration {
 	// Messages are built before the clock starts.
 	msgs := make([][]byte, b.N)
 	for i := range msgs {
-		msgs[i] = AppendFrame(nil, []byte(pcd(fmt.Sprintf("B%d-%d", i, now.UnixNano()), fmt.Sprintf("P%d", i%500), fmt.Sprintf("DEV%d", i%500), now, 70, "\r")))
+		// Distinct event times: no observation is a repeat of another.
+		at := now.Add(time.Duration(i) * time.Millisecond)
+		msgs[i] = AppendFrame(nil, []byte(pcd(fmt.Sprintf("B%d-%d", i, now.UnixNano()), fmt.Sprintf("P%d", i%500), fmt.Sprintf("DEV%d", i%500), at, 70, "\r")))
 	}
 	clients := make([]net.Conn, conns)
 	for i := range clients {

@@ -6,6 +6,7 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"math"
 	"net"
 	"strconv"
 	"sync/atomic"
@@ -59,7 +60,13 @@ type Handler struct {
 	tenants map[string]string
 	// dedupe remembers the accepted messages (nil: no duplicate
 	// suppression).
-	dedupe   *dedupe.Filter
+	dedupe *dedupe.Filter
+	// repeats remembers the published observations (patient, device,
+	// channel, metric, event time, value), so that one reported again in
+	// a later message (a monitor repeating its last NIBP, a gateway
+	// re-sending history under new control ids) is stored once. Same
+	// window and bound as dedupe; nil with it.
+	repeats  *dedupe.Filter
 	limiter  *ratelimit.Limiter
 	maxWait  time.Duration
 	timeout  time.Duration
@@ -72,6 +79,7 @@ type Handler struct {
 type handlerMetrics struct {
 	messages   *prometheus.CounterVec
 	duplicates prometheus.Counter
+	repeats    prometheus.Counter
 	bindings   *prometheus.CounterVec
 	waveforms  *prometheus.CounterVec
 	latency    prometheus.Histogram
@@ -86,6 +94,10 @@ func newHandlerMetrics() *handlerMetrics {
 		duplicates: prometheus.NewCounter(prometheus.CounterOpts{
 			Name: "vigil_mllp_duplicates_total",
 			Help: "Messages whose control id (MSH-10) was already accepted within the dedupe window: ACKed AA again, not republished.",
+		}),
+		repeats: prometheus.NewCounter(prometheus.CounterOpts{
+			Name: "vigil_mllp_repeated_observations_total",
+			Help: "Observations not published again because the same one (patient, device, channel, metric, time, value) was published within mllp.dedupe_window.",
 		}),
 		bindings: prometheus.NewCounterVec(prometheus.CounterOpts{
 			Name: "vigil_mllp_binding_changes_total",
@@ -104,7 +116,7 @@ func newHandlerMetrics() *handlerMetrics {
 }
 
 func (m *handlerMetrics) collectors() []prometheus.Collector {
-	return []prometheus.Collector{m.messages, m.duplicates, m.bindings, m.waveforms, m.latency}
+	return []prometheus.Collector{m.messages, m.duplicates, m.repeats, m.bindings, m.waveforms, m.latency}
 }
 
 // Options are the collaborators of the MLLP ingest path.
@@ -135,6 +147,9 @@ func (h *Handler) register(reg prometheus.Registerer) error {
 		if err := h.dedupe.Register(reg, "mllp_messages"); err != nil {
 			return err
 		}
+		if err := h.repeats.Register(reg, "mllp_observations"); err != nil {
+			return err
+		}
 	}
 	return h.limiter.Register(reg, "mllp")
 }
@@ -159,6 +174,7 @@ func newHandler(cfg config.Config, log *slog.Logger, clk clock.Clock, val *valid
 	}
 	if cfg.MLLP.DedupeWindow > 0 {
 		h.dedupe = dedupe.New(cfg.MLLP.DedupeWindow, cfg.MLLP.DedupeSize, clk)
+		h.repeats = dedupe.New(cfg.MLLP.DedupeWindow, cfg.MLLP.DedupeSize, clk)
 	}
 	h.limiter = ratelimit.New(cfg.MLLP.RateLimit, cfg.MLLP.RateBurst, maxRateSources, clk)
 	h.ackStamp = strconv.FormatInt(clk.Now().UnixMilli(), 36)
@@ -384,8 +400,12 @@ func (h *Handler) oru(ctx context.Context, m *hl7.Message, hd hl7.Header, tenant
 	if err := h.pub.DeadLetter(ctx, res.Letters); err != nil {
 		return h.retry(hd, err), false
 	}
-	if err := h.pub.Publish(ctx, res.Batches); err != nil {
+	batches, keys := h.dropRepeats(res.Batches, hd.ControlID)
+	if err := h.pub.Publish(ctx, batches); err != nil {
 		return h.retry(hd, err), false
+	}
+	for _, k := range keys {
+		h.repeats.AddKey(k)
 	}
 	if accepted == 0 && len(res.Issues) > 0 {
 		return h.ack(hd, hl7.AR, res.Issues), false
@@ -439,4 +459,51 @@ func (h *Handler) tooLarge(ctx context.Context, remote string, prefix []byte, li
 // control id (what its sample batches carry as tenant and message_id).
 func oruKey(buf []byte, tenant, controlID string) []byte {
 	return dedupe.MessageKey(buf, "mllp", tenant+"\x00ORU", controlID)
+}
+
+// observationKey is the duplicate-filter key of a published observation.
+func observationKey(buf []byte, tenant, patient, device string, s *vigilv1.Sample) []byte {
+	buf = append(buf, 'o', 0)
+	for _, part := range []string{tenant, patient, device, s.Channel, s.Metric} {
+		buf = append(append(buf, part...), 0)
+	}
+	buf = strconv.AppendInt(buf, s.EventTimeMs, 10)
+	buf = append(buf, 0)
+	return strconv.AppendUint(buf, math.Float64bits(s.Value), 16)
+}
+
+// dropRepeats removes the observations published before within the dedupe
+// window (counted, logged at debug level) and returns the batches left and
+// the keys to record once they are durable. The batches of res are
+// modified in place.
+func (h *Handler) dropRepeats(batches []*vigilv1.SampleBatch, controlID string) ([]*vigilv1.SampleBatch, []dedupe.Key) {
+	if h.repeats == nil {
+		return batches, nil
+	}
+	var keys []dedupe.Key
+	var buf []byte
+	dropped := 0
+	out := batches[:0]
+	for _, b := range batches {
+		kept := b.Samples[:0]
+		for _, smp := range b.Samples {
+			buf = observationKey(buf[:0], b.Tenant, b.Patient, b.Device, smp)
+			k := h.repeats.Key(buf)
+			if h.repeats.ContainsKey(k) {
+				dropped++
+				continue
+			}
+			keys = append(keys, k)
+			kept = append(kept, smp)
+		}
+		b.Samples = kept
+		if len(kept) > 0 {
+			out = append(out, b)
+		}
+	}
+	if dropped > 0 {
+		h.m.repeats.Add(float64(dropped))
+		h.log.Debug("observations already published: not published again", "control_id", controlID, "repeated", dropped)
+	}
+	return out, keys
 }

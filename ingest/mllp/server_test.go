@@ -452,7 +452,8 @@ func TestManyConnectionsAndOrder(t *testing.T) {
 			r := NewReader(cl, 1<<20)
 			for i := 0; i < per; i++ {
 				id := fmt.Sprintf("C%d-%d", c, i)
-				if _, err := cl.Write(AppendFrame(nil, []byte(pcd(id, fmt.Sprintf("P%d", c), "DEV", now, 70, "\r")))); err != nil {
+				at := now.Add(time.Duration(i) * time.Second) // distinct observations: none is a repeat
+				if _, err := cl.Write(AppendFrame(nil, []byte(pcd(id, fmt.Sprintf("P%d", c), "DEV", at, 70, "\r")))); err != nil {
 					errc <- err
 					return
 				}

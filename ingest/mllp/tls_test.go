@@ -185,3 +185,33 @@ func TestDedupeSurvivesRestart(t *testing.T) {
 		t.Errorf("%d batches on the topic, want 1", n)
 	}
 }
+
+// TestRepeatedObservationsStoredOnce: a monitor that reports the same
+// observations (same time, value, channel) again in a new message, as
+// PCD-01 gateways do with the last NIBP, gets AA and the observations are
+// published once; a changed one is published.
+func TestRepeatedObservationsStoredOnce(t *testing.T) {
+	broker := testenv.Kafka(t)
+	cfg := testenv.Config(t, broker, "")
+	srv := startServer(t, cfg, nil, Options{})
+	c := dial(t, srv.Addr())
+	at := time.Now().Add(-time.Minute).Truncate(time.Second)
+	for _, m := range []struct {
+		id string
+		hr float64
+	}{{"REP-1", 70}, {"REP-2", 70}, {"REP-3", 71}} {
+		if code, _ := msa(c.roundTrip(pcd(m.id, "MRN-1", "DEV", at, m.hr, "\r"))); code != "AA" {
+			t.Fatalf("%s: %s", m.id, code)
+		}
+	}
+	got := map[string]int{}
+	for _, b := range readBatches(t, broker, cfg.Kafka.Topics.Samples) {
+		got[b.MessageId] += len(b.Samples)
+	}
+	if got["REP-1"] != 7 || got["REP-2"] != 0 || got["REP-3"] != 1 {
+		t.Errorf("samples published per message %v, want REP-1 7, REP-2 0, REP-3 1 (the changed heart rate)", got)
+	}
+	if r := testutil.ToFloat64(srv.h.m.repeats); r != 13 {
+		t.Errorf("repeated observations %v, want 13", r)
+	}
+}

@@ -18,7 +18,8 @@ import (
 // maxWarmTime bounds the dedupe warm-up at start.
 const maxWarmTime = 30 * time.Second
 
-// warmDedupe refills the duplicate filter after a restart from what this
+// warmDedupe refills the duplicate filters (messages and observations)
+// after a restart from what this
 // path published within the dedupe window: every MLLP batch on the samples
 // topic names its message (tenant, MSH-10), so a gateway that re-sends a
 // message whose ACK it lost while Vigil restarted is recognised as it
@@ -90,6 +91,10 @@ func (s *Server) warmDedupe(ctx context.Context, kcfg config.Kafka) (int, error)
 			}
 			buf = oruKey(buf[:0], b.Tenant, b.MessageId)
 			s.h.dedupe.Add(buf)
+			for _, smp := range b.Samples {
+				buf = observationKey(buf[:0], b.Tenant, b.Patient, b.Device, smp)
+				s.h.repeats.Add(buf)
+			}
 			n++
 		})
 	}
