@@ -143,7 +143,7 @@ func (d *decoder) decode(data []byte, maxSamples int) (*body, *bodyError) {
 		return nil, syntax(err)
 	}
 	if tok.Kind() != '{' {
-		return nil, fail(validate.InvalidJSON, "", 0, "the body must be a JSON object, not %s", kindName(tok.Kind()))
+		return nil, fail(validate.InvalidJSON, "", 0, "the body must be a JSON object, not %s", KindName(tok.Kind()))
 	}
 	sawSamples := false
 	for dec.PeekKind() != '}' {
@@ -162,7 +162,7 @@ func (d *decoder) decode(data []byte, maxSamples int) (*body, *bodyError) {
 			}
 			s, ok := stringValue(v)
 			if !ok {
-				return nil, fail(validate.InvalidType, string(name), valOff, "%s must be a string, not %s", name, kindName(v.Kind()))
+				return nil, fail(validate.InvalidType, string(name), valOff, "%s must be a string, not %s", name, KindName(v.Kind()))
 			}
 			switch string(name) {
 			case "tenant":
@@ -188,7 +188,7 @@ func (d *decoder) decode(data []byte, maxSamples int) (*body, *bodyError) {
 				if err != nil {
 					return nil, syntax(err)
 				}
-				return nil, fail(validate.InvalidType, "samples", valOff, "samples must be an array, not %s", kindName(v.Kind()))
+				return nil, fail(validate.InvalidType, "samples", valOff, "samples must be an array, not %s", KindName(v.Kind()))
 			}
 			if _, err := dec.ReadToken(); err != nil {
 				return nil, syntax(err)
@@ -272,7 +272,7 @@ func (d *decoder) sample(data []byte) *bodyError {
 			return syntax(err)
 		}
 		s.raw = v
-		refuse(validate.InvalidType, "", "a sample must be a JSON object, not %s", kindName(v.Kind()))
+		refuse(validate.InvalidType, "", "a sample must be a JSON object, not %s", KindName(v.Kind()))
 		return nil
 	}
 	if _, err := dec.ReadToken(); err != nil {
@@ -316,7 +316,7 @@ func (d *decoder) sample(data []byte) *bodyError {
 				}
 				s.value, s.hasValue = f, true
 			default:
-				refuse(validate.InvalidType, ".value", "value must be a number, not %s", kindName(v.Kind()))
+				refuse(validate.InvalidType, ".value", "value must be a number, not %s", KindName(v.Kind()))
 			}
 			continue
 		case "time":
@@ -332,7 +332,7 @@ func (d *decoder) sample(data []byte) *bodyError {
 				}
 				s.timeMs, s.hasTime, s.timeField = ms, true, "time"
 			default:
-				refuse(validate.InvalidType, ".time", "time must be an RFC 3339 string, not %s", kindName(v.Kind()))
+				refuse(validate.InvalidType, ".time", "time must be an RFC 3339 string, not %s", KindName(v.Kind()))
 			}
 			continue
 		case "time_ms":
@@ -347,7 +347,7 @@ func (d *decoder) sample(data []byte) *bodyError {
 				}
 				s.timeMs, s.hasTime, s.timeField = ms, true, "time_ms"
 			default:
-				refuse(validate.InvalidType, ".time_ms", "time_ms must be a number, not %s", kindName(v.Kind()))
+				refuse(validate.InvalidType, ".time_ms", "time_ms must be a number, not %s", KindName(v.Kind()))
 			}
 			continue
 		case "seq":
@@ -360,7 +360,7 @@ func (d *decoder) sample(data []byte) *bodyError {
 				}
 				s.seq = n
 			default:
-				refuse(validate.InvalidType, ".seq", "seq must be a number, not %s", kindName(v.Kind()))
+				refuse(validate.InvalidType, ".seq", "seq must be a number, not %s", KindName(v.Kind()))
 			}
 			continue
 		default:
@@ -369,7 +369,7 @@ func (d *decoder) sample(data []byte) *bodyError {
 		}
 		str, ok := stringValue(v)
 		if !ok {
-			refuse(validate.InvalidType, "."+string(name), "%s must be a string, not %s", name, kindName(v.Kind()))
+			refuse(validate.InvalidType, "."+string(name), "%s must be a string, not %s", name, KindName(v.Kind()))
 			continue
 		}
 		*target = str
@@ -477,7 +477,9 @@ func position(data []byte, off int64) (line, col int) {
 	return line, col
 }
 
-func kindName(k jsontext.Kind) string {
+// KindName names a JSON token kind for error messages ("a string", "an
+// object"...); the other JSON decoders of ingest use it too.
+func KindName(k jsontext.Kind) string {
 	switch k {
 	case 'n':
 		return "null"

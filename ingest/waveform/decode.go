@@ -11,6 +11,7 @@ import (
 
 	"github.com/go-json-experiment/json/jsontext"
 
+	"github.com/vigilhealth/vigil/ingest/httpjson"
 	"github.com/vigilhealth/vigil/ingest/validate"
 )
 
@@ -102,7 +103,7 @@ func Decode(data []byte, maxValues int) (*Request, *DecodeError) {
 			return nil, true
 		}
 		return &DecodeError{Reason: validate.InvalidType, Field: name, Offset: off,
-			Message: fmt.Sprintf("want a string, got %s", kindName(tok.Kind()))}, false
+			Message: fmt.Sprintf("want a string, got %s", httpjson.KindName(tok.Kind()))}, false
 	}
 	for {
 		off := d.InputOffset()
@@ -150,7 +151,7 @@ func Decode(data []byte, maxValues int) (*Request, *DecodeError) {
 				continue
 			}
 			if tok.Kind() != '0' {
-				return fail(validate.InvalidType, name, voff, "want a number, got %s", kindName(tok.Kind()))
+				return fail(validate.InvalidType, name, voff, "want a number, got %s", httpjson.KindName(tok.Kind()))
 			}
 			if name == "rate_hz" {
 				v, err := tok.Float()
@@ -175,7 +176,7 @@ func Decode(data []byte, maxValues int) (*Request, *DecodeError) {
 				continue
 			}
 			if tok.Kind() != '[' {
-				return fail(validate.InvalidType, name, voff, "want an array of numbers, got %s", kindName(tok.Kind()))
+				return fail(validate.InvalidType, name, voff, "want an array of numbers, got %s", httpjson.KindName(tok.Kind()))
 			}
 			for {
 				eoff := d.InputOffset()
@@ -188,7 +189,7 @@ func Decode(data []byte, maxValues int) (*Request, *DecodeError) {
 					break
 				}
 				if tok.Kind() != '0' {
-					return fail(validate.InvalidType, field, eoff, "want a number, got %s", kindName(tok.Kind()))
+					return fail(validate.InvalidType, field, eoff, "want a number, got %s", httpjson.KindName(tok.Kind()))
 				}
 				if len(r.Values) == maxValues {
 					return fail(validate.TooManySamples, name, eoff, "more than %d values: split the waveform into chunks", maxValues)
@@ -231,22 +232,4 @@ func Decode(data []byte, maxValues int) (*Request, *DecodeError) {
 		r.Unit = "mV"
 	}
 	return &r, nil
-}
-
-func kindName(k jsontext.Kind) string {
-	switch k {
-	case 'n':
-		return "null"
-	case 'f', 't':
-		return "a boolean"
-	case '"':
-		return "a string"
-	case '0':
-		return "a number"
-	case '{':
-		return "an object"
-	case '[':
-		return "an array"
-	}
-	return "something else"
 }
