@@ -79,6 +79,9 @@ type Simulator struct {
 	// rec receives every request body sent (see RecordTo); used by Run's
 	// goroutine only.
 	rec *recorder
+	// mark is the resume mark (see ResumeFrom); nil without one. Used by
+	// Run's goroutine only.
+	mark *resumeMark
 
 	closeOnce sync.Once
 }
@@ -153,6 +156,7 @@ func (s *Simulator) Run(ctx context.Context) error {
 	if s.cfg.PreRoll == 0 {
 		simStart = wallStart.Truncate(time.Second)
 	}
+	simStart = s.resumeStart(simStart)
 	ward := NewWard(WardConfig{
 		Beds: s.cfg.Beds, Wearables: s.cfg.Wearables, Deteriorating: s.cfg.Deteriorating, Seed: s.cfg.Seed,
 		Start: simStart,
@@ -229,6 +233,7 @@ func (s *Simulator) catchUp(ctx context.Context, w *Ward, sn *sendState, target 
 // large ward can hold more) and empties it.
 func (s *Simulator) sendChunks(ctx context.Context, sn *sendState) {
 	all := sn.buf
+	s.markSending(all)
 	rest := s.gw.route(ctx, all)
 	sn.samples += len(all) - len(rest)
 	for len(rest) > 0 && ctx.Err() == nil {

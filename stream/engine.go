@@ -100,10 +100,16 @@ type patient struct {
 	lastScore       *vigilv1.Score
 	boundaryScores  []int64
 	lastSeenMs      int64
+	// latestFn and closedFn look metrics up in latest and closed: made
+	// once per patient, so that scoring does not allocate a closure.
+	latestFn, closedFn func(string) (news2.Observation, bool)
 }
 
 func (e *engine) newPatient(key, tenant, id string) *patient {
-	return &patient{key: key, tenant: tenant, id: id, eng: e.win, win: window.NewPatient()}
+	p := &patient{key: key, tenant: tenant, id: id, eng: e.win, win: window.NewPatient()}
+	p.latestFn = func(m string) (news2.Observation, bool) { return find(p.latest, m) }
+	p.closedFn = func(m string) (news2.Observation, bool) { return find(p.closed, m) }
+	return p
 }
 
 // empty reports whether the patient holds no state worth keeping.
@@ -125,15 +131,14 @@ func setValue(vs []value, v value) []value {
 	return append(vs, v)
 }
 
-func lookup(vs []value) func(string) (news2.Observation, bool) {
-	return func(metric string) (news2.Observation, bool) {
-		for i := range vs {
-			if vs[i].metric == metric {
-				return news2.Observation{Value: vs[i].value, Unit: vs[i].unit, TimeMs: vs[i].timeMs}, true
-			}
+// find returns the value of metric in vs.
+func find(vs []value, metric string) (news2.Observation, bool) {
+	for i := range vs {
+		if vs[i].metric == metric {
+			return news2.Observation{Value: vs[i].value, Unit: vs[i].unit, TimeMs: vs[i].timeMs}, true
 		}
-		return news2.Observation{}, false
 	}
+	return news2.Observation{}, false
 }
 
 // outKind names an output topic.
@@ -144,10 +149,16 @@ const (
 	outScore
 	outAlert
 	outDeadLetter
+	// Placeholders that finish replaces: the windows a call closed
+	// (their rows in the Arrow batch: wins[win0:win0+nwin] of outputs),
+	// and a change score whose alert rules have not run yet.
+	outWindows
+	outPendingScore
 )
 
 // output is one record to produce, keyed by the patient (or, for dead
-// letters, by source name).
+// letters, by source name), or a placeholder (outWindows,
+// outPendingScore) of patient pt.
 type output struct {
 	kind  outKind
 	key   string
@@ -155,24 +166,54 @@ type output struct {
 	fw    *vigilv1.FeatureWindow
 	score *vigilv1.Score
 	alert *vigilv1.AlertEvent
+	// placeholders
+	pt         *patient
+	tr         alerting.Trigger
+	nowMs      int64
+	win0, nwin int
+}
+
+// closedWindow is a window whose rows are in the Arrow batch, waiting
+// for finish; due: its window-end score is to be taken.
+type closedWindow struct {
+	window.WindowRows
+	due bool
 }
 
 // outputs collects what the engine produces; reused between transactions.
-// It belongs to one goroutine. Its Arrow batch (the features of the
-// windows closed by one call, turned into a record and released within
-// that call) is allocated on first use from the engine's allocator and
-// kept for reuse: release frees it.
+// It belongs to one goroutine.
+//
+// The features of closed windows go into its Arrow batch (allocated on
+// first use from the engine's allocator and kept for reuse: release frees
+// it), and the outputs that depend on them (features, window-end scores,
+// and the alerts of every score, which must run in order) wait as
+// placeholders in list until finish turns the batch into one record and
+// replaces them. Unless batched is set, the engine's calls finish before
+// returning; a batched owner (the processor's workers) calls finish once
+// for many calls, which is what makes the Arrow records cheap.
 type outputs struct {
 	list []output
 	// counts since the last reset
 	samples, late, invalid, corrections int
 	batch                               *window.Batch
+	batched                             bool
+	// wins are the windows of the outWindows placeholders; seen counts
+	// the batch's Windows already in wins.
+	wins  []closedWindow
+	seen  int
+	spare []output
+	fws   []*vigilv1.FeatureWindow
 }
 
+// reset empties the outputs, dropping unfinished placeholders.
 func (o *outputs) reset() {
 	clear(o.list)
 	o.list = o.list[:0]
 	o.samples, o.late, o.invalid, o.corrections = 0, 0, 0, 0
+	if o.batch != nil && (o.batch.Len() > 0 || len(o.batch.Windows()) > 0) {
+		o.batch.NewRecord().Release()
+	}
+	o.wins, o.seen = o.wins[:0], 0
 }
 
 // release frees the Arrow batch. Idempotent.
@@ -253,18 +294,28 @@ func (e *engine) apply(p *patient, b *vigilv1.SampleBatch, nowMs int64, out *out
 	}
 	p.lastSeenMs = nowMs
 	tr := alerting.Trigger{IngestTimeMs: ingest, EmittedTimeMs: nowMs}
+	if !out.batched {
+		defer e.finish(out)
+	}
 	e.win.Advance(p.win, out.features(e), p.tenant, p.id)
 	e.emit(p, nowMs, tr, out)
 	wm := p.win.Watermark()
 	p.boundaryScores = slices.DeleteFunc(p.boundaryScores, func(t int64) bool { return t <= wm })
 
 	maxEvent := p.win.MaxEventTime()
-	if s := e.score(p, maxEvent, p.latest, nowMs); s != nil && news2.Changed(p.lastScore, s) {
+	// Most batches leave the score as it was: Unchanged tells without
+	// building it (or its id).
+	if e.ruleset.Unchanged(p.lastScore, e.request(p, maxEvent, p.latestFn)) {
+		return true
+	}
+	if s := e.score(p, maxEvent, p.latestFn, nowMs); s != nil && news2.Changed(p.lastScore, s) {
 		p.lastScore = s
 		if maxEvent%e.scoreMs == 0 {
 			p.boundaryScores = append(p.boundaryScores, maxEvent)
 		}
-		e.emitScore(p, s, tr, out)
+		// Its alert rules run in finish, after those of the window-end
+		// scores before it.
+		out.list = append(out.list, output{kind: outPendingScore, key: p.key, pt: p, score: s, tr: tr})
 	}
 	return true
 }
@@ -285,23 +336,24 @@ func (e *engine) idle(p *patient, nowMs int64, out *outputs) bool {
 		return false
 	}
 	overdue := time.Duration(nowMs-p.lastSeenMs-e.idleMs) * time.Millisecond
-	if !e.win.Idle(p.win, out.features(e), p.tenant, p.id, overdue) {
-		return false
+	if !out.batched {
+		defer e.finish(out)
 	}
+	moved := e.win.Idle(p.win, out.features(e), p.tenant, p.id, overdue)
 	e.emit(p, nowMs, e.trigger(p, nowMs), out)
-	return true
+	return moved
 }
 
 // flush closes every open window of p (stream.windows.flush_on_shutdown)
 // and reports whether p changed.
 func (e *engine) flush(p *patient, nowMs int64, out *outputs) bool {
 	wm := p.win.Watermark()
-	e.win.Flush(p.win, out.features(e), p.tenant, p.id)
-	if p.win.Watermark() == wm {
-		return false
+	if !out.batched {
+		defer e.finish(out)
 	}
+	e.win.Flush(p.win, out.features(e), p.tenant, p.id)
 	e.emit(p, nowMs, e.trigger(p, nowMs), out)
-	return true
+	return p.win.Watermark() != wm
 }
 
 // trigger is the alert trigger of scores made without an input batch: the
@@ -314,67 +366,124 @@ func (e *engine) trigger(p *patient, nowMs int64) alerting.Trigger {
 	return tr
 }
 
-// emit turns the feature rows the window engine appended to out's batch
-// into an Arrow record and hands it on: the window-end score of every
-// first emission of a score window reads its values from the record's
-// columns, and each window goes to the features topic as a
-// FeatureWindow. The record is released before returning.
+// emit queues the windows the window engine just closed for p (their
+// rows are in out's batch) as an outWindows placeholder, deciding now,
+// while p.boundaryScores is as it is at this point of the input, which
+// of them get a window-end score: every first emission of a score window
+// for whose end no change score was emitted.
 func (e *engine) emit(p *patient, nowMs int64, tr alerting.Trigger, out *outputs) {
 	b := out.features(e)
-	if b.Len() == 0 {
+	ws := b.Windows()
+	if len(ws) == out.seen {
 		return
 	}
-	rec := b.NewRecord()
-	defer rec.Release()
-	fws, err := window.ToProto(rec, nowMs)
-	if err != nil {
-		// The record is the engine's own: its schema is window.Schema.
-		panic(fmt.Sprintf("feature record: %v", err))
-	}
-	cols, _ := window.ColumnsOf(rec)
-	row := 0
-	for _, fw := range fws {
-		out.list = append(out.list, output{kind: outFeatures, key: p.key, fw: fw})
-		if fw.Version > 1 {
-			out.corrections++
-		}
-		n := len(fw.Features)
-		if fw.Window != e.scoreWin {
-			row += n
-			continue
-		}
-		for i := row; i < row+n; i++ {
-			if cols.DerivedMetric.Value(i) {
-				continue
-			}
-			p.closed = setValue(p.closed, value{metric: cols.Metric.Value(i), unit: cols.Unit.Value(i),
-				value: cols.Last.Value(i), timeMs: cols.LastTimeMs.Value(i)})
-		}
-		row += n
+	win0 := len(out.wins)
+	for _, w := range ws[out.seen:] {
 		// A correction changes the window's features, not the score
-		// emitted at its end (it shares its deterministic id).
-		if fw.Version != 1 || slices.Contains(p.boundaryScores, fw.EndMs) {
-			continue // a change score at exactly this time was emitted already
-		}
-		if s := e.score(p, fw.EndMs, p.closed, nowMs); s != nil {
-			e.emitScore(p, s, tr, out)
-		}
+		// emitted at its end (it shares its deterministic id); a change
+		// score at exactly this time may have been emitted already.
+		due := w.Window == e.scoreWin && w.Version == 1 && !slices.Contains(p.boundaryScores, w.EndMs)
+		out.wins = append(out.wins, closedWindow{WindowRows: w, due: due})
 	}
+	out.seen = len(ws)
+	b.Seal()
+	out.list = append(out.list, output{kind: outWindows, key: p.key, pt: p, tr: tr, nowMs: nowMs, win0: win0, nwin: len(out.wins) - win0})
 }
 
-func (e *engine) score(p *patient, atMs int64, vs []value, nowMs int64) *vigilv1.Score {
-	s := e.ruleset.Score(news2.Request{Tenant: p.tenant, Patient: p.id, AtMs: atMs, Staleness: e.staleness, Latest: lookup(vs)})
+// finish turns the rows of out's batch into one Arrow record and
+// replaces the placeholders of out.list, in order: each closed window
+// goes to the features topic as a FeatureWindow, the newest values of a
+// score window's metrics (read from the record's columns) become its
+// patient's closed values, from which its window-end score is taken if
+// due; every score, window-end or pending change score, runs the alert
+// rules. The record is released before returning.
+func (e *engine) finish(out *outputs) {
+	if len(out.wins) == 0 && !slices.ContainsFunc(out.list, func(o output) bool { return o.kind == outPendingScore }) {
+		return
+	}
+	b := out.features(e)
+	var cols window.Columns
+	if b.Len() > 0 {
+		rec := b.NewRecord()
+		defer rec.Release()
+		var err error
+		if cols, err = window.ColumnsOf(rec); err != nil {
+			// The record is the engine's own: its schema is window.Schema.
+			panic(fmt.Sprintf("feature record: %v", err))
+		}
+	}
+	final := out.spare[:0]
+	row := 0
+	for _, o := range out.list {
+		switch o.kind {
+		case outPendingScore:
+			final = e.emitScore(final, o.pt, o.score, o.tr)
+			continue
+		case outWindows:
+		default:
+			final = append(final, o)
+			continue
+		}
+		p := o.pt
+		wins := out.wins[o.win0 : o.win0+o.nwin]
+		n := 0
+		for _, w := range wins {
+			n += w.Rows
+		}
+		fws := b.AppendProto(out.fws[:0], &cols, row, row+n, o.nowMs)
+		if len(fws) != len(wins) {
+			panic(fmt.Sprintf("feature record: %d windows in rows %d-%d, want %d", len(fws), row, row+n, len(wins)))
+		}
+		for k, fw := range fws {
+			final = append(final, output{kind: outFeatures, key: p.key, fw: fw})
+			if fw.Version > 1 {
+				out.corrections++
+			}
+			if fw.Window == e.scoreWin {
+				for i := row; i < row+wins[k].Rows; i++ {
+					if cols.DerivedMetric.Value(i) {
+						continue
+					}
+					// (Interned: the record's buffers are reused once it
+					// is released.)
+					p.closed = setValue(p.closed, value{metric: b.Intern(cols.Metric.Value(i)), unit: b.Intern(cols.Unit.Value(i)),
+						value: cols.Last.Value(i), timeMs: cols.LastTimeMs.Value(i)})
+				}
+				if wins[k].due {
+					if s := e.score(p, fw.EndMs, p.closedFn, o.nowMs); s != nil {
+						final = e.emitScore(final, p, s, o.tr)
+					}
+				}
+			}
+			row += wins[k].Rows
+		}
+		clear(fws)
+		out.fws = fws[:0]
+	}
+	clear(out.list)
+	out.list, out.spare = final, out.list[:0]
+	out.wins, out.seen = out.wins[:0], 0
+}
+
+func (e *engine) request(p *patient, atMs int64, latest func(string) (news2.Observation, bool)) news2.Request {
+	return news2.Request{Tenant: p.tenant, Patient: p.id, AtMs: atMs, Staleness: e.staleness, Latest: latest}
+}
+
+func (e *engine) score(p *patient, atMs int64, latest func(string) (news2.Observation, bool), nowMs int64) *vigilv1.Score {
+	s := e.ruleset.Score(e.request(p, atMs, latest))
 	if s != nil {
 		s.EmittedTimeMs = nowMs
 	}
 	return s
 }
 
-func (e *engine) emitScore(p *patient, s *vigilv1.Score, tr alerting.Trigger, out *outputs) {
-	out.list = append(out.list, output{kind: outScore, key: p.key, score: s})
+// emitScore appends s and the alerts it raises for p to list.
+func (e *engine) emitScore(list []output, p *patient, s *vigilv1.Score, tr alerting.Trigger) []output {
+	list = append(list, output{kind: outScore, key: p.key, score: s})
 	for _, ev := range e.alerts.Evaluate(&p.alerts, s, tr) {
-		out.list = append(out.list, output{kind: outAlert, key: p.key, alert: ev})
+		list = append(list, output{kind: outAlert, key: p.key, alert: ev})
 	}
+	return list
 }
 
 // deadLetter builds the dead letter of the samples at idx of b.
@@ -535,7 +644,7 @@ func (s *session) closeWindowsOnShutdown() error {
 func (s *session) closeWindows(idle bool) error {
 	nowMs := s.p.clock.Now().UnixMilli()
 	if s.timers.w == nil {
-		s.timers.w = &worker{s: s, nAlerts: map[vigilv1.AlertEventType]int{}, nDeadBy: map[string]int{}}
+		s.timers.w = &worker{s: s, out: outputs{batched: true}, nAlerts: map[vigilv1.AlertEventType]int{}, nDeadBy: map[string]int{}}
 	}
 	w := s.timers.w
 	w.resetCounts()
@@ -577,6 +686,7 @@ func (s *session) closeWindows(idle bool) error {
 			changed++
 		}
 	}
+	s.p.eng.finish(&w.out)
 	s.mu.Unlock()
 	if changed == 0 {
 		return nil

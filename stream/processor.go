@@ -661,7 +661,7 @@ func (s *session) process(fetches kgo.Fetches) error {
 			}
 		}
 		if len(used) == len(s.workers) {
-			s.workers = append(s.workers, &worker{s: s, nAlerts: map[vigilv1.AlertEventType]int{}, nDeadBy: map[string]int{}})
+			s.workers = append(s.workers, &worker{s: s, out: outputs{batched: true}, nAlerts: map[vigilv1.AlertEventType]int{}, nDeadBy: map[string]int{}})
 		}
 		w := s.workers[len(used)]
 		w.part, w.recs = ftp.Partition, append(w.recs[:0], ftp.Records...)
@@ -703,27 +703,44 @@ func (s *session) process(fetches kgo.Fetches) error {
 	return nil
 }
 
-// run processes the worker's records of one partition.
+// run processes the worker's records of one partition. The outputs wait
+// for the end of the records (engine.finish builds one Arrow record of
+// all the features they closed), except dead letters, which refer to the
+// decoded batch and are produced before the next record is decoded.
 func (w *worker) run(now int64) {
 	w.resetCounts()
 	s := w.s
 	ps := s.parts[w.part]
 	for _, r := range w.recs {
+		mark := len(w.out.list)
 		if e, changed := s.p.applyRecord(ps, r, &w.dec, &w.batch, now, &w.out, false); changed {
 			ps.markDirty(e, r.Offset, s.begun)
 		}
 		ps.next = r.Offset + 1
-		for _, o := range w.out.list {
+		kept := w.out.list[:mark]
+		for _, o := range w.out.list[mark:] {
+			if o.kind != outDeadLetter {
+				kept = append(kept, o)
+				continue
+			}
 			if err := w.produce(o); err != nil {
 				w.err = err
 				return
 			}
 		}
-		// Produced: the marshalled records are the producer's now, and
-		// nothing refers to the decoded batch any more.
-		clear(w.out.list)
-		w.out.list = w.out.list[:0]
+		clear(w.out.list[len(kept):])
+		w.out.list = kept
 	}
+	s.p.eng.finish(&w.out)
+	for _, o := range w.out.list {
+		if err := w.produce(o); err != nil {
+			w.err = err
+			return
+		}
+	}
+	// Produced: the marshalled records are the producer's now.
+	clear(w.out.list)
+	w.out.list = w.out.list[:0]
 }
 
 // applyRecord decodes one input record into b (reused: the engine keeps

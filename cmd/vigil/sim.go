@@ -20,6 +20,9 @@ func (p *platform) addSimulator() error {
 	if err != nil {
 		return fmt.Errorf("creating simulator: %w", err)
 	}
+	// A restart resumes after what the last run sent, rather than sending
+	// its pre-roll again over that time (duplicate samples).
+	sim.ResumeFrom(p.cfg.Path("simulator", "sent.mark"))
 	// The simulator is the front of the flow: it stops first.
 	p.runner.PrependStage("simulator", sim)
 	return nil

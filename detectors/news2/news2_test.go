@@ -3,6 +3,8 @@ package news2
 import (
 	"crypto/sha256"
 	"encoding/hex"
+	"math"
+	"math/rand/v2"
 	"os"
 	"path/filepath"
 	"slices"
@@ -499,5 +501,57 @@ func TestScalesAndConditionalBands(t *testing.T) {
 	bad := strings.Replace(scale2Doc, "{min: 95, max: 96, points: 2, text: \"95-96 on oxygen\"", "{min: 95, max: 95, points: 2, text: \"95-96 on oxygen\"", 1)
 	if _, err := Parse([]byte(bad)); err == nil || !strings.Contains(err.Error(), "air_or_oxygen = 1") {
 		t.Errorf("gap under a condition: %v", err)
+	}
+}
+
+// TestUnchangedAgreesWithChanged: Unchanged(prev, req) is exactly "Score(req)
+// is non-nil and Changed does not tell it from prev", over random vitals
+// (present, stale or missing, values across every band) and prevs from the
+// same distribution, and it allocates nothing.
+func TestUnchangedAgreesWithChanged(t *testing.T) {
+	r := Default()
+	rng := rand.New(rand.NewPCG(5, 7))
+	ranges := map[string][2]float64{"respiratory_rate": {4, 30}, "spo2": {80, 100}, "heart_rate": {30, 140},
+		"systolic_bp": {80, 230}, "body_temperature": {34, 40}, "consciousness": {0, 1}, "fio2": {21, 30}, "oxygen_flow": {0, 3}}
+	random := func() Request {
+		obs := map[string]Observation{}
+		for m, rg := range ranges {
+			switch rng.IntN(6) {
+			case 0: // missing
+			case 1:
+				obs[m] = Observation{Value: rg[0] + rng.Float64()*(rg[1]-rg[0]), TimeMs: at - 2*time.Hour.Milliseconds()}
+			default:
+				obs[m] = Observation{Value: math.Round(rg[0] + rng.Float64()*(rg[1]-rg[0])), TimeMs: at - rng.Int64N(1000)}
+			}
+		}
+		return Request{Tenant: "t", Patient: "p", AtMs: at, Staleness: time.Hour,
+			Latest: func(m string) (Observation, bool) { o, ok := obs[m]; return o, ok }}
+	}
+	unchanged, changed := 0, 0
+	for range 5000 {
+		prev := r.Score(random())
+		req := random()
+		if rng.IntN(4) == 0 {
+			req = vitals(map[string]float64{"heart_rate": 80, "spo2": 97})
+			prev = r.Score(vitals(map[string]float64{"heart_rate": 81, "spo2": 98}))
+		}
+		s := r.Score(req)
+		want := s != nil && prev != nil && !Changed(prev, s)
+		if got := r.Unchanged(prev, req); got != want {
+			t.Fatalf("Unchanged = %v, want %v\nprev %v\nnext %v", got, want, prev, s)
+		}
+		if want {
+			unchanged++
+		} else {
+			changed++
+		}
+	}
+	if unchanged < 100 || changed < 100 {
+		t.Fatalf("unbalanced cases: %d unchanged, %d changed", unchanged, changed)
+	}
+	prev := r.Score(vitals(map[string]float64{"heart_rate": 80, "spo2": 97}))
+	req := vitals(map[string]float64{"heart_rate": 81, "spo2": 98})
+	if n := testing.AllocsPerRun(100, func() { r.Unchanged(prev, req) }); n != 0 {
+		t.Errorf("Unchanged allocates %v times per call", n)
 	}
 }

@@ -115,8 +115,67 @@ func (r *Ruleset) Score(req Request) *vigilv1.Score {
 	return s
 }
 
+// Unchanged reports whether Score(req) would return a score that Changed
+// does not tell from prev (prev and it both non-nil), without building it:
+// it resolves and bands the inputs as Score does but allocates nothing for
+// rulesets of up to 16 parameters. A caller that emits a score only when it
+// changed calls it first and builds the score only when it returns false.
+// Safe for concurrent use, like Score.
+func (r *Ruleset) Unchanged(prev *vigilv1.Score, req Request) bool {
+	if prev == nil || prev.GetRulesetHash() != r.Hash || len(prev.GetComponents()) != len(r.Parameters) {
+		return false
+	}
+	var buf [16]input
+	ins := buf[:0]
+	if len(r.Parameters) > len(buf) {
+		ins = make([]input, 0, len(r.Parameters))
+	}
+	anyPresent := false
+	for i := range r.Parameters {
+		in := r.resolveInput(&r.Parameters[i], req, false)
+		ins = append(ins, in)
+		anyPresent = anyPresent || in.present
+	}
+	if !anyPresent {
+		return false // Score returns nil
+	}
+	var total, maxPoints float64
+	for i := range r.Parameters {
+		p := &r.Parameters[i]
+		in := ins[i]
+		c := prev.GetComponents()[i]
+		var points float64
+		missing, stale := false, false
+		switch {
+		case !in.present:
+			missing = true
+		case in.stale:
+			stale = true
+		default:
+			b, ok := r.band(p, req.Scales[p.Name], in.banded, ins)
+			if !ok {
+				missing = true
+				break
+			}
+			points = b.Points
+			total += b.Points
+			maxPoints = max(maxPoints, b.Points)
+		}
+		if c.GetParameter() != p.Name || c.GetPoints() != points || c.GetMissing() != missing || c.GetStale() != stale {
+			return false
+		}
+	}
+	return prev.GetValue() == total && prev.GetBand() == r.response(total, maxPoints)
+}
+
 // resolve finds a parameter's input.
 func (r *Ruleset) resolve(p *Parameter, req Request) input {
+	return r.resolveInput(p, req, true)
+}
+
+// resolveInput finds a parameter's input; names: name the metrics of a
+// derived parameter none of whose inputs is present (which allocates).
+func (r *Ruleset) resolveInput(p *Parameter, req Request, names bool) input {
 	stale := func(o Observation) bool {
 		return req.AtMs-o.TimeMs > req.Staleness.Milliseconds()
 	}
@@ -169,12 +228,14 @@ func (r *Ruleset) resolve(p *Parameter, req Request) input {
 		return current
 	case old.present:
 		return old
+	case !names:
+		return input{unit: p.Unit}
 	}
-	names := make([]string, len(p.AnyAbove))
+	metrics := make([]string, len(p.AnyAbove))
 	for i, t := range p.AnyAbove {
-		names[i] = t.Metric
+		metrics[i] = t.Metric
 	}
-	return input{metric: strings.Join(names, ","), unit: p.Unit}
+	return input{metric: strings.Join(metrics, ","), unit: p.Unit}
 }
 
 // band finds the band of value v in the chosen scale, given every

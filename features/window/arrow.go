@@ -2,6 +2,7 @@ package window
 
 import (
 	"fmt"
+	"strings"
 
 	"github.com/apache/arrow/go/v17/arrow"
 	"github.com/apache/arrow/go/v17/arrow/array"
@@ -94,6 +95,7 @@ type rowHeader struct {
 // allocate. A Batch belongs to one goroutine; Release it when done.
 type Batch struct {
 	rb   *array.RecordBuilder
+	pool *bufferPool
 	rows int
 
 	str         [4]*array.StringBuilder // tenant patient window metric
@@ -108,15 +110,23 @@ type Batch struct {
 	dkeys       *array.StringBuilder
 	dvals       *array.Float64Builder
 	wins        []winRef
+	log         []WindowRows
+	sealed      bool
+	// tenant and patient of the last entry of log
+	lastTenant, lastPatient string
+	strs        strTable
 	stats       [maxMetrics]Stats
 	merged, tmp []run
 	rr          []float64
 }
 
-// NewBatch returns an empty Batch allocating Arrow buffers from mem.
+// NewBatch returns an empty Batch allocating Arrow buffers from mem. The
+// buffers of the records it built are kept, once the records are released,
+// for its next records (bufferPool), and handed back to mem by Release.
 func NewBatch(mem memory.Allocator) *Batch {
-	rb := array.NewRecordBuilder(mem, Schema)
-	b := &Batch{rb: rb}
+	pool := &bufferPool{parent: mem}
+	rb := array.NewRecordBuilder(pool, Schema)
+	b := &Batch{rb: rb, pool: pool}
 	b.str = [4]*array.StringBuilder{rb.Field(ColTenant).(*array.StringBuilder), rb.Field(ColPatient).(*array.StringBuilder),
 		rb.Field(ColWindow).(*array.StringBuilder), rb.Field(ColMetric).(*array.StringBuilder)}
 	b.unit = rb.Field(ColUnit).(*array.StringBuilder)
@@ -143,19 +153,56 @@ func (b *Batch) Len() int { return b.rows }
 // it and must Release it) and starts an empty batch.
 func (b *Batch) NewRecord() arrow.Record {
 	b.rows = 0
+	clear(b.log)
+	b.log = b.log[:0]
+	b.sealed = false
 	return b.rb.NewRecord()
 }
 
-// Release frees the builders. Idempotent.
+// WindowRows describes the adjacent rows of one window in a Batch.
+type WindowRows struct {
+	Window         string
+	StartMs, EndMs int64
+	Version        uint32
+	// Rows is the number of rows.
+	Rows int
+}
+
+// Windows returns the windows appended since the last NewRecord, in row
+// order: adjacent rows with equal tenant, patient, window, start, end and
+// version, as ToProto groups them, except that a Seal between two rows
+// also separates them. The slice is b's, valid until the next append or
+// NewRecord.
+func (b *Batch) Windows() []WindowRows { return b.log }
+
+// Seal makes the next row start a new entry of Windows.
+func (b *Batch) Seal() { b.sealed = true }
+
+// Release frees the builders and the kept buffers (records still held
+// free theirs to the allocator when released). Idempotent.
 func (b *Batch) Release() {
 	if b.rb != nil {
 		b.rb.Release()
 		b.rb = nil
+		b.pool.drain()
 	}
+}
+
+// logRow counts a row of header h in Windows.
+func (b *Batch) logRow(h *rowHeader) {
+	if n := len(b.log); n > 0 && !b.sealed && b.lastTenant == h.tenant && b.lastPatient == h.patient {
+		if l := &b.log[n-1]; l.Window == h.window && l.StartMs == h.startMs && l.EndMs == h.endMs && l.Version == h.version {
+			l.Rows++
+			return
+		}
+	}
+	b.log = append(b.log, WindowRows{Window: h.window, StartMs: h.startMs, EndMs: h.endMs, Version: h.version, Rows: 1})
+	b.lastTenant, b.lastPatient, b.sealed = h.tenant, h.patient, false
 }
 
 func (b *Batch) header(h *rowHeader) {
 	b.rows++
+	b.logRow(h)
 	b.str[0].Append(h.tenant)
 	b.str[1].Append(h.patient)
 	b.str[2].Append(h.window)
@@ -277,23 +324,87 @@ func ColumnsOf(rec arrow.Record) (Columns, error) {
 	}, nil
 }
 
+// strTable copies strings out of Arrow buffers: array.String.Value aliases
+// the buffer, which a Batch reuses once the record is released. With a
+// table (a Batch's), the copies are interned: feature records repeat a few
+// strings (tenants, patients, window and metric names, units); the table
+// holds at most maxInterned strings and is emptied when full. The zero
+// strTable interns nothing and copies every string.
+type strTable struct {
+	m map[string]string
+}
+
+// maxInterned bounds a strTable.
+const maxInterned = 1 << 15
+
+func (t *strTable) get(s string) string {
+	if t.m == nil {
+		return strings.Clone(s)
+	}
+	if v, ok := t.m[s]; ok {
+		return v
+	}
+	if len(t.m) >= maxInterned {
+		clear(t.m)
+	}
+	v := strings.Clone(s)
+	t.m[v] = v
+	return v
+}
+
+// Intern returns s (read from a record of b) as a string that does not
+// alias the record's buffers, which b reuses once the record is released.
+func (b *Batch) Intern(s string) string {
+	if b.strs.m == nil {
+		b.strs.m = make(map[string]string, 64)
+	}
+	return b.strs.get(s)
+}
+
+// ToProto is the package's ToProto with the strings interned in b's table
+// (see Intern). rec need not come from b.
+func (b *Batch) ToProto(rec arrow.Record, emittedMs int64) ([]*vigilv1.FeatureWindow, error) {
+	if b.strs.m == nil {
+		b.strs.m = make(map[string]string, 64)
+	}
+	return toProto(rec, emittedMs, &b.strs)
+}
+
 // ToProto encodes a feature record as FeatureWindow messages (one per
 // window: adjacent rows with equal patient, window, start, end and
-// version), with emitted time emittedMs.
+// version), with emitted time emittedMs. The messages share no memory
+// with rec.
 func ToProto(rec arrow.Record, emittedMs int64) ([]*vigilv1.FeatureWindow, error) {
+	return toProto(rec, emittedMs, &strTable{})
+}
+
+func toProto(rec arrow.Record, emittedMs int64, strs *strTable) ([]*vigilv1.FeatureWindow, error) {
 	c, err := ColumnsOf(rec)
 	if err != nil {
 		return nil, err
 	}
+	return appendProto(nil, &c, 0, int(rec.NumRows()), emittedMs, strs), nil
+}
+
+// AppendProto appends to dst the FeatureWindow messages of rows [lo, hi)
+// of the record whose columns c are (grouped as ToProto does), with the
+// strings interned in b's table, and returns the extended slice.
+func (b *Batch) AppendProto(dst []*vigilv1.FeatureWindow, c *Columns, lo, hi int, emittedMs int64) []*vigilv1.FeatureWindow {
+	if b.strs.m == nil {
+		b.strs.m = make(map[string]string, 64)
+	}
+	return appendProto(dst, c, lo, hi, emittedMs, &b.strs)
+}
+
+func appendProto(out []*vigilv1.FeatureWindow, c *Columns, lo, hi int, emittedMs int64, strs *strTable) []*vigilv1.FeatureWindow {
 	keys := c.Derived.Keys().(*array.String)
 	items := c.Derived.Items().(*array.Float64)
-	var out []*vigilv1.FeatureWindow
 	var fw *vigilv1.FeatureWindow
-	for i := 0; i < int(rec.NumRows()); i++ {
+	for i := lo; i < hi; i++ {
 		if fw == nil || fw.Patient != c.Patient.Value(i) || fw.Tenant != c.Tenant.Value(i) || fw.Window != c.Window.Value(i) ||
 			fw.StartMs != c.StartMs.Value(i) || fw.EndMs != c.EndMs.Value(i) || fw.Version != c.Version.Value(i) {
 			fw = &vigilv1.FeatureWindow{
-				SchemaVersion: 1, Tenant: c.Tenant.Value(i), Patient: c.Patient.Value(i), Window: c.Window.Value(i),
+				SchemaVersion: 1, Tenant: strs.get(c.Tenant.Value(i)), Patient: strs.get(c.Patient.Value(i)), Window: strs.get(c.Window.Value(i)),
 				Kind: vigilv1.WindowKind(c.Kind.Value(i)), SizeMs: c.SizeMs.Value(i), StepMs: c.StepMs.Value(i),
 				StartMs: c.StartMs.Value(i), EndMs: c.EndMs.Value(i), Version: c.Version.Value(i),
 				EmittedTimeMs: emittedMs, WatermarkMs: c.WatermarkMs.Value(i),
@@ -301,7 +412,7 @@ func ToProto(rec arrow.Record, emittedMs int64) ([]*vigilv1.FeatureWindow, error
 			out = append(out, fw)
 		}
 		f := &vigilv1.Feature{
-			Metric: c.Metric.Value(i), Unit: c.Unit.Value(i), Count: c.Count.Value(i), Mean: c.Mean.Value(i),
+			Metric: strs.get(c.Metric.Value(i)), Unit: strs.get(c.Unit.Value(i)), Count: c.Count.Value(i), Mean: c.Mean.Value(i),
 			Min: c.Min.Value(i), Max: c.Max.Value(i), Std: c.Std.Value(i), Last: c.Last.Value(i),
 			LastTimeMs: c.LastTimeMs.Value(i), SlopePerMin: c.Slope.Value(i), Median: c.Median.Value(i),
 			P05: c.P05.Value(i), P95: c.P95.Value(i), FirstTimeMs: c.FirstTimeMs.Value(i),
@@ -311,10 +422,10 @@ func ToProto(rec arrow.Record, emittedMs int64) ([]*vigilv1.FeatureWindow, error
 		if lo, hi := c.Derived.ValueOffsets(i); hi > lo {
 			f.Derived = make(map[string]float64, hi-lo)
 			for j := lo; j < hi; j++ {
-				f.Derived[keys.Value(int(j))] = items.Value(int(j))
+				f.Derived[strs.get(keys.Value(int(j)))] = items.Value(int(j))
 			}
 		}
 		fw.Features = append(fw.Features, f)
 	}
-	return out, nil
+	return out
 }

@@ -9,6 +9,7 @@ import (
 	"math"
 	"net"
 	"strconv"
+	"sync"
 	"sync/atomic"
 	"time"
 
@@ -61,6 +62,15 @@ type Handler struct {
 	// dedupe remembers the accepted messages (nil: no duplicate
 	// suppression).
 	dedupe *dedupe.Filter
+	// inflight holds the dedupe keys of the messages being processed, so
+	// that a copy sent again while the first is still waiting for Kafka
+	// (the sender gave up waiting for the ACK and re-sent it on another
+	// connection) waits for the first's outcome instead of being
+	// published a second time. Guarded by inflightMu; it holds at most one
+	// entry per message being handled, so it is bounded by
+	// mllp.max_connections.
+	inflightMu sync.Mutex
+	inflight   map[dedupe.Key]chan struct{}
 	// repeats remembers the published observations (patient, device,
 	// channel, metric, event time, value), so that one reported again in
 	// a later message (a monitor repeating its last NIBP, a gateway
@@ -294,6 +304,13 @@ func (h *Handler) handle(ctx context.Context, raw []byte, remote string) (string
 			key = h.dedupe.Key(dedupe.MessageKey(buf[:0], "mllp", tenant+"\x00"+hd.Type, hd.ControlID))
 		}
 	}
+	if h.dedupe != nil {
+		release, err := h.claim(ctx, key)
+		if err != nil {
+			return typ, h.retry(hd, fmt.Errorf("waiting for an earlier copy of message %s: %w", hd.ControlID, err))
+		}
+		defer release()
+	}
 	if h.dedupe != nil && h.dedupe.ContainsKey(key) {
 		h.m.duplicates.Inc()
 		return typ, h.ack(hd, hl7.AA, []hl7.Issue{{Code: hl7.CodeDuplicateKey, Severity: hl7.SeverityInfo,
@@ -310,6 +327,39 @@ func (h *Handler) handle(ctx context.Context, raw []byte, remote string) (string
 		h.dedupe.AddKey(key)
 	}
 	return typ, ack
+}
+
+// claim makes the caller the only one handling the message of key: it
+// waits (within ctx) while another copy of it is being handled, and returns
+// the release to call once the outcome is recorded in h.dedupe. Without it
+// the filter, which records a message only once Kafka acknowledged it,
+// lets a copy re-sent during a slow publish through, and the message is
+// published twice.
+func (h *Handler) claim(ctx context.Context, key dedupe.Key) (release func(), err error) {
+	for {
+		h.inflightMu.Lock()
+		busy, ok := h.inflight[key]
+		if !ok {
+			done := make(chan struct{})
+			if h.inflight == nil {
+				h.inflight = map[dedupe.Key]chan struct{}{}
+			}
+			h.inflight[key] = done
+			h.inflightMu.Unlock()
+			return func() {
+				h.inflightMu.Lock()
+				delete(h.inflight, key)
+				h.inflightMu.Unlock()
+				close(done)
+			}, nil
+		}
+		h.inflightMu.Unlock()
+		select {
+		case <-busy:
+		case <-ctx.Done():
+			return nil, ctx.Err()
+		}
+	}
 }
 
 // headerOnly reads what it can of the MSH of a message that failed to
