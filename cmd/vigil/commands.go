@@ -208,6 +208,7 @@ func (p *platform) printBanner(env *cliEnv) {
 	fmt.Fprintf(&b, "  Data        %s\n", p.cfg.DataDir)
 	if p.cfg.Simulator.Enabled {
 		fmt.Fprintf(&b, "  Simulator   %d beds, %d wearables, %d deteriorating\n", p.cfg.Simulator.Beds, p.cfg.Simulator.Wearables, p.cfg.Simulator.Deteriorating)
+		fmt.Fprintf(&b, "              %s\n", simulatorRoutes(p.cfg.Simulator))
 	}
 	b.WriteString("Ctrl-C drains and stops.\n\n")
 	fmt.Fprint(env.stdout, b.String())

@@ -270,6 +270,33 @@ func TestRunSimulateStopRestart(t *testing.T) {
 			kafkaSampleDuplicates(t, fmt.Sprintf("127.0.0.1:%d", kafkaPort)))
 	}
 	t.Logf("probe: %d samples accepted across the restart, all present once; table: %d rows", len(accepted), total)
+	// The simulator's devices came through the hospital gateways of the
+	// process (simulator.gateways.auto): beds over HL7 v2/MLLP, wearables
+	// over the embedded MQTT broker, spot checks over FHIR, the probe over
+	// HTTP.
+	bySource := map[string]uint64{}
+	srows, err := conn.Query(context.Background(), "SELECT source, count() FROM samples GROUP BY source")
+	if err != nil {
+		t.Fatal(err)
+	}
+	for srows.Next() {
+		var src string
+		var n uint64
+		if err := srows.Scan(&src, &n); err != nil {
+			t.Fatal(err)
+		}
+		bySource[src] = n
+	}
+	srows.Close()
+	t.Logf("samples by source: %v", bySource)
+	for _, src := range []string{"mllp", "mqtt", "fhir", "http"} {
+		if bySource[src] == 0 {
+			t.Errorf("no samples from source %q in clickhouse (by source: %v)", src, bySource)
+		}
+	}
+	if !strings.Contains(p.out.String(), "beds over HL7 v2/MLLP") {
+		t.Errorf("the banner does not say the beds go over MLLP:\n%s", p.out.String())
+	}
 	p2.stop(t, 20*time.Second)
 }
 

@@ -16,6 +16,8 @@ func (p *platform) addSimulator() error {
 		sc.Target = "http://" + p.cfg.HTTP.Listen
 	}
 	sc.Gateways = p.autoGateways(sc.Gateways)
+	// What the simulator really uses, for the banner.
+	p.cfg.Simulator = sc
 	sim, err := simulator.New(sc, p.deps("simulator"))
 	if err != nil {
 		return fmt.Errorf("creating simulator: %w", err)
@@ -49,6 +51,27 @@ func (p *platform) autoGateways(g config.SimGateways) config.SimGateways {
 	return g
 }
 
+// simulatorRoutes says how the simulated devices reach Vigil, for the
+// banner: "beds over MLLP 127.0.0.1:2575, wearables over MQTT ..., spot
+// checks over FHIR".
+func simulatorRoutes(sc config.Simulator) string {
+	beds, wear := "HTTP", "HTTP"
+	if sc.Gateways.MLLP != "" {
+		beds = "HL7 v2/MLLP " + sc.Gateways.MLLP
+	}
+	if sc.Gateways.MQTT != "" {
+		wear = "MQTT " + sc.Gateways.MQTT
+	}
+	s := "beds over " + beds + ", wearables over " + wear
+	if sc.Gateways.FHIR {
+		s += ", temperature spot checks over FHIR"
+	}
+	if sc.Gateways.FaultRate > 0 {
+		s += fmt.Sprintf(", %.0f%% faulty messages", 100*sc.Gateways.FaultRate)
+	}
+	return s
+}
+
 func cmdSimulate(ctx context.Context, env *cliEnv) error {
 	p := newPlatform(env)
 	sim, err := simulator.New(p.cfg.Simulator, p.deps("simulator"))
@@ -63,8 +86,9 @@ func cmdSimulate(ctx context.Context, env *cliEnv) error {
 		}
 		sim.RecordTo(rec)
 	}
-	fmt.Fprintf(env.stdout, "simulating %d beds and %d wearables (%d deteriorating) into %s\n",
-		p.cfg.Simulator.Beds, p.cfg.Simulator.Wearables, p.cfg.Simulator.Deteriorating, p.cfg.Simulator.Target)
+	fmt.Fprintf(env.stdout, "simulating %d beds and %d wearables (%d deteriorating) into %s: %s\n",
+		p.cfg.Simulator.Beds, p.cfg.Simulator.Wearables, p.cfg.Simulator.Deteriorating, p.cfg.Simulator.Target,
+		simulatorRoutes(p.cfg.Simulator))
 	err = sim.Run(ctx)
 	if rec != nil {
 		err = errors.Join(err, sim.RecordErr(), rec.Close())
