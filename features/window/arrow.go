@@ -98,26 +98,26 @@ type Batch struct {
 	pool *bufferPool
 	rows int
 
-	str         [4]*array.StringBuilder // tenant patient window metric
-	unit        *array.StringBuilder
-	kind        *array.Int32Builder
-	i64         [9]*array.Int64Builder
-	version     *array.Uint32Builder
-	count       *array.Uint64Builder
-	dflag       *array.BooleanBuilder
-	f64         [12]*array.Float64Builder
-	dmap        *array.MapBuilder
-	dkeys       *array.StringBuilder
-	dvals       *array.Float64Builder
-	wins        []winRef
-	log         []WindowRows
-	sealed      bool
+	str     [4]*array.StringBuilder // tenant patient window metric
+	unit    *array.StringBuilder
+	kind    *array.Int32Builder
+	i64     [9]*array.Int64Builder
+	version *array.Uint32Builder
+	count   *array.Uint64Builder
+	dflag   *array.BooleanBuilder
+	f64     [12]*array.Float64Builder
+	dmap    *array.MapBuilder
+	dkeys   *array.StringBuilder
+	dvals   *array.Float64Builder
+	wins    []winRef
+	log     []WindowRows
+	sealed  bool
 	// tenant and patient of the last entry of log
 	lastTenant, lastPatient string
-	strs        strTable
-	stats       [maxMetrics]Stats
-	merged, tmp []run
-	rr          []float64
+	strs                    strTable
+	stats                   [maxMetrics]Stats
+	merged, tmp             []run
+	rr                      []float64
 }
 
 // NewBatch returns an empty Batch allocating Arrow buffers from mem. The
