@@ -148,11 +148,11 @@ func TestSinkEndToEnd(t *testing.T) {
 
 	// Redelivery: the same records once more.
 	produceAll()
-	e.waitCount("SELECT count() FROM samples", 2*wantSamples, 30*time.Second)
-	e.waitCount("SELECT count() FROM dead_letters", 2, 10*time.Second)
-	e.waitCount("SELECT count() FROM alerts", 2, 10*time.Second)
-	e.waitCount("SELECT count() FROM scores", 2, 10*time.Second)
-	e.waitCount("SELECT count() FROM features", 4, 10*time.Second)
+	// The sink commits only after ClickHouse took the rows; the raw row
+	// counts are not checked here because a background merge may already
+	// have collapsed the redelivered rows (vigil_sink_rows_inserted_total
+	// below shows they were inserted again).
+	e.waitCommitted(30*time.Second, topics.Samples, topics.Features, topics.Scores, topics.Alerts, topics.DeadLetter)
 	for q, want := range map[string]uint64{
 		"SELECT count() FROM samples FINAL":      wantSamples,
 		"SELECT count() FROM samples_final":      wantSamples,
