@@ -160,10 +160,13 @@ const (
 // letters, by source name), or a placeholder (outWindows,
 // outPendingScore) of patient pt.
 type output struct {
-	kind  outKind
-	key   string
-	dl    *vigilv1.DeadLetter
-	fw    *vigilv1.FeatureWindow
+	kind outKind
+	key  string
+	dl   *vigilv1.DeadLetter
+	fw   *vigilv1.FeatureWindow
+	// val is the encoded FeatureWindow of an outFeatures output of
+	// batched outputs (which have no fw).
+	val   []byte
 	score *vigilv1.Score
 	alert *vigilv1.AlertEvent
 	// placeholders
@@ -199,10 +202,14 @@ type outputs struct {
 	batched                             bool
 	// wins are the windows of the outWindows placeholders; seen counts
 	// the batch's Windows already in wins.
-	wins  []closedWindow
-	seen  int
+	wins []closedWindow
+	seen int
+	// done: list[:done] holds no placeholder.
+	done  int
 	spare []output
 	fws   []*vigilv1.FeatureWindow
+	// slab holds the encoded records of batched outputs.
+	slab slab
 }
 
 // reset empties the outputs, dropping unfinished placeholders.
@@ -213,7 +220,26 @@ func (o *outputs) reset() {
 	if o.batch != nil && (o.batch.Len() > 0 || len(o.batch.Windows()) > 0) {
 		o.batch.NewRecord().Release()
 	}
-	o.wins, o.seen = o.wins[:0], 0
+	o.wins, o.seen, o.done = o.wins[:0], 0, 0
+}
+
+// recycle empties the list of produced outputs.
+func (o *outputs) recycle() {
+	clear(o.list)
+	o.list = o.list[:0]
+	o.done = 0
+}
+
+// maxBatchRows is the number of feature rows past which a batched owner
+// finishes its outputs early (finishDue), which bounds the Arrow buffers
+// (and those a Batch keeps for reuse) to a few hundred KiB: records of a
+// few hundred rows already make the per-record costs negligible.
+const maxBatchRows = 512
+
+// finishDue reports whether the owner of batched outputs should call
+// finish now.
+func (o *outputs) finishDue() bool {
+	return o.batch != nil && o.batch.Len() >= maxBatchRows
 }
 
 // release frees the Arrow batch. Idempotent.
@@ -392,13 +418,16 @@ func (e *engine) emit(p *patient, nowMs int64, tr alerting.Trigger, out *outputs
 
 // finish turns the rows of out's batch into one Arrow record and
 // replaces the placeholders of out.list, in order: each closed window
-// goes to the features topic as a FeatureWindow, the newest values of a
+// goes to the features topic as a FeatureWindow (for batched outputs
+// encoded straight from the record's rows into out's slab, else as a
+// message), the newest values of a
 // score window's metrics (read from the record's columns) become its
 // patient's closed values, from which its window-end score is taken if
 // due; every score, window-end or pending change score, runs the alert
 // rules. The record is released before returning.
 func (e *engine) finish(out *outputs) {
-	if len(out.wins) == 0 && !slices.ContainsFunc(out.list, func(o output) bool { return o.kind == outPendingScore }) {
+	if len(out.wins) == 0 && !slices.ContainsFunc(out.list[out.done:], func(o output) bool { return o.kind == outPendingScore }) {
+		out.done = len(out.list)
 		return
 	}
 	b := out.features(e)
@@ -412,9 +441,9 @@ func (e *engine) finish(out *outputs) {
 			panic(fmt.Sprintf("feature record: %v", err))
 		}
 	}
-	final := out.spare[:0]
+	final := append(out.spare[:0], out.list[:out.done]...)
 	row := 0
-	for _, o := range out.list {
+	for _, o := range out.list[out.done:] {
 		switch o.kind {
 		case outPendingScore:
 			final = e.emitScore(final, o.pt, o.score, o.tr)
@@ -430,16 +459,25 @@ func (e *engine) finish(out *outputs) {
 		for _, w := range wins {
 			n += w.Rows
 		}
-		fws := b.AppendProto(out.fws[:0], &cols, row, row+n, o.nowMs)
-		if len(fws) != len(wins) {
-			panic(fmt.Sprintf("feature record: %d windows in rows %d-%d, want %d", len(fws), row, row+n, len(wins)))
+		var fws []*vigilv1.FeatureWindow
+		if !out.batched {
+			fws = b.AppendProto(out.fws[:0], &cols, row, row+n, o.nowMs)
+			if len(fws) != len(wins) {
+				panic(fmt.Sprintf("feature record: %d windows in rows %d-%d, want %d", len(fws), row, row+n, len(wins)))
+			}
 		}
-		for k, fw := range fws {
-			final = append(final, output{kind: outFeatures, key: p.key, fw: fw})
-			if fw.Version > 1 {
+		for k, w := range wins {
+			if out.batched {
+				lo, hi := row, row+w.Rows
+				v, _ := out.slab.put(func(b []byte) ([]byte, error) { return window.AppendWindowRows(b, &cols, lo, hi, o.nowMs), nil })
+				final = append(final, output{kind: outFeatures, key: p.key, val: v})
+			} else {
+				final = append(final, output{kind: outFeatures, key: p.key, fw: fws[k]})
+			}
+			if w.Version > 1 {
 				out.corrections++
 			}
-			if fw.Window == e.scoreWin {
+			if w.Window == e.scoreWin {
 				for i := row; i < row+wins[k].Rows; i++ {
 					if cols.DerivedMetric.Value(i) {
 						continue
@@ -449,8 +487,8 @@ func (e *engine) finish(out *outputs) {
 					p.closed = setValue(p.closed, value{metric: b.Intern(cols.Metric.Value(i)), unit: b.Intern(cols.Unit.Value(i)),
 						value: cols.Last.Value(i), timeMs: cols.LastTimeMs.Value(i)})
 				}
-				if wins[k].due {
-					if s := e.score(p, fw.EndMs, p.closedFn, o.nowMs); s != nil {
+				if w.due {
+					if s := e.score(p, w.EndMs, p.closedFn, o.nowMs); s != nil {
 						final = e.emitScore(final, p, s, o.tr)
 					}
 				}
@@ -462,7 +500,7 @@ func (e *engine) finish(out *outputs) {
 	}
 	clear(out.list)
 	out.list, out.spare = final, out.list[:0]
-	out.wins, out.seen = out.wins[:0], 0
+	out.wins, out.seen, out.done = out.wins[:0], 0, len(final)
 }
 
 func (e *engine) request(p *patient, atMs int64, latest func(string) (news2.Observation, bool)) news2.Request {
@@ -676,14 +714,18 @@ func (s *session) closeWindows(idle bool) error {
 	changed := 0
 	for _, d := range dues {
 		var ok bool
+		n0 := len(w.out.list)
 		if idle {
 			ok = s.p.eng.idle(d.e.pt, nowMs, &w.out)
 		} else {
 			ok = s.p.eng.flush(d.e.pt, nowMs, &w.out)
 		}
-		if ok {
+		if ok || len(w.out.list) > n0 { // (windows closed: their state changed)
 			d.ps.markDirty(d.e, d.ps.next, time.Now())
 			changed++
+		}
+		if w.out.finishDue() {
+			s.p.eng.finish(&w.out)
 		}
 	}
 	s.p.eng.finish(&w.out)

@@ -78,6 +78,9 @@ type Scale struct {
 	Name    string `yaml:"name"`
 	Display string `yaml:"display"`
 	Bands   []Band `yaml:"bands"`
+	// texts are the BandTexts of Bands, made once by Parse (Score would
+	// otherwise format them for every component of every score).
+	texts []string
 }
 
 // Band is one cell: inclusive edges at the parameter's resolution, the
@@ -162,6 +165,16 @@ func Parse(doc []byte) (*Ruleset, error) {
 	}
 	if err := r.validate(); err != nil {
 		return nil, err
+	}
+	for i := range r.Parameters {
+		p := &r.Parameters[i]
+		for j := range p.Scales {
+			sc := &p.Scales[j]
+			sc.texts = make([]string, len(sc.Bands))
+			for k, b := range sc.Bands {
+				sc.texts[k] = BandText(b, p.Decimals)
+			}
+		}
 	}
 	return r, nil
 }

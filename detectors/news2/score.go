@@ -51,7 +51,13 @@ type input struct {
 // deterministic id; EmittedTimeMs is left for the caller. It returns nil
 // when every parameter is missing (nothing to score).
 func (r *Ruleset) Score(req Request) *vigilv1.Score {
-	ins := make([]input, len(r.Parameters))
+	var buf [16]input
+	var ins []input
+	if len(r.Parameters) > len(buf) {
+		ins = make([]input, len(r.Parameters))
+	} else {
+		ins = buf[:len(r.Parameters)]
+	}
 	anyPresent := false
 	for i := range r.Parameters {
 		ins[i] = r.resolve(&r.Parameters[i], req)
@@ -71,17 +77,14 @@ func (r *Ruleset) Score(req Request) *vigilv1.Score {
 		EventTimeMs:    req.AtMs,
 		Components:     make([]*vigilv1.ScoreComponent, 0, len(r.Parameters)),
 	}
+	// One allocation for all components.
+	comps := make([]vigilv1.ScoreComponent, len(r.Parameters))
 	var total, maxPoints float64
 	for i := range r.Parameters {
 		p := &r.Parameters[i]
 		in := ins[i]
-		c := &vigilv1.ScoreComponent{
-			Parameter:   p.Name,
-			Metric:      in.metric,
-			InputValue:  in.value,
-			InputUnit:   in.unit,
-			InputTimeMs: in.timeMs,
-		}
+		c := &comps[i]
+		c.Parameter, c.Metric, c.InputValue, c.InputUnit, c.InputTimeMs = p.Name, in.metric, in.value, in.unit, in.timeMs
 		switch {
 		case !in.present:
 			c.Missing = true
@@ -90,7 +93,7 @@ func (r *Ruleset) Score(req Request) *vigilv1.Score {
 			c.Stale = true
 			s.Stale = append(s.Stale, p.Name)
 		default:
-			b, ok := r.band(p, req.Scales[p.Name], in.banded, ins)
+			b, text, ok := r.band(p, req.Scales[p.Name], in.banded, ins)
 			if !ok {
 				// Only possible for conditional bands whose condition's
 				// input is missing or stale: the parameter cannot be
@@ -101,7 +104,7 @@ func (r *Ruleset) Score(req Request) *vigilv1.Score {
 				break
 			}
 			c.Points = b.Points
-			c.Band = BandText(b, p.Decimals)
+			c.Band = text
 			total += b.Points
 			maxPoints = max(maxPoints, b.Points)
 		}
@@ -152,7 +155,7 @@ func (r *Ruleset) Unchanged(prev *vigilv1.Score, req Request) bool {
 		case in.stale:
 			stale = true
 		default:
-			b, ok := r.band(p, req.Scales[p.Name], in.banded, ins)
+			b, _, ok := r.band(p, req.Scales[p.Name], in.banded, ins)
 			if !ok {
 				missing = true
 				break
@@ -239,15 +242,15 @@ func (r *Ruleset) resolveInput(p *Parameter, req Request, names bool) input {
 }
 
 // band finds the band of value v in the chosen scale, given every
-// parameter's input for conditions.
-func (r *Ruleset) band(p *Parameter, scale string, v float64, ins []input) (Band, bool) {
+// parameter's input for conditions, and its text.
+func (r *Ruleset) band(p *Parameter, scale string, v float64, ins []input) (Band, string, bool) {
 	sc := &p.Scales[0]
 	for i := range p.Scales {
 		if p.Scales[i].Name == scale {
 			sc = &p.Scales[i]
 		}
 	}
-	for _, b := range sc.Bands {
+	for k, b := range sc.Bands {
 		if (b.Min != nil && v < *b.Min) || (b.Max != nil && v > *b.Max) {
 			continue
 		}
@@ -257,9 +260,12 @@ func (r *Ruleset) band(p *Parameter, scale string, v float64, ins []input) (Band
 				continue
 			}
 		}
-		return b, true
+		if k < len(sc.texts) {
+			return b, sc.texts[k], true
+		}
+		return b, BandText(b, p.Decimals), true
 	}
-	return Band{}, false
+	return Band{}, "", false
 }
 
 // response names the clinical-response band.

@@ -152,12 +152,22 @@ func (b *Batch) Len() int { return b.rows }
 // NewRecord returns the rows appended so far as a record (the caller owns
 // it and must Release it) and starts an empty batch.
 func (b *Batch) NewRecord() arrow.Record {
+	n := b.rows
 	b.rows = 0
 	clear(b.log)
 	b.log = b.log[:0]
 	b.sealed = false
-	return b.rb.NewRecord()
+	rec := b.rb.NewRecord()
+	if n > 0 {
+		// Room for a record like this one (up to reserveRows rows) at
+		// once, rather than growing every column from 32 rows by doubling.
+		b.rb.Reserve(min(n, reserveRows))
+	}
+	return rec
 }
+
+// reserveRows caps the rows NewRecord reserves room for.
+const reserveRows = 1024
 
 // WindowRows describes the adjacent rows of one window in a Batch.
 type WindowRows struct {

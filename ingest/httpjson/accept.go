@@ -119,54 +119,104 @@ func (h *Handler) accept(ctx context.Context, data []byte, m Meta, now int64) Ou
 // Accept and is safe for concurrent use; the bodies are only read.
 func (h *Handler) AcceptBatch(ctx context.Context, bodies [][]byte, metas []Meta) []Outcome {
 	now := h.clock.Now().UnixMilli()
-	outs := make([]Outcome, len(bodies))
 	if len(bodies) == 1 {
-		outs[0] = h.accept(ctx, bodies[0], metas[0], now)
-		return outs
+		return []Outcome{h.accept(ctx, bodies[0], metas[0], now)}
 	}
-	type item struct {
-		i  int
-		pr prepared
+	ps := make([]Pending, len(bodies))
+	for i, data := range bodies {
+		ps[i] = h.prepareAt(ctx, data, metas[i], now)
 	}
+	return h.Commit(ctx, ps, make([]Outcome, 0, len(bodies)))
+}
+
+// Pending is a body that Handler.Prepare decoded and validated, waiting for
+// Handler.Commit to publish it (or already answered, when it was refused as
+// a whole or rate limited). It holds a pooled decoder whose samples alias
+// the body, so the body must stay unmodified until Commit or Release, and
+// exactly one of them must be called (on one copy of the value). It is not
+// safe for concurrent use.
+type Pending struct {
+	d    *decoder // nil when done
+	pr   prepared
+	meta Meta
+	done bool
+}
+
+// Prepare is the part of Accept before Kafka: it decodes and validates body
+// for Commit. It blocks while the sender is over its rate limit (sources
+// other than HTTP are slowed down, not refused) and, for a body refused as a
+// whole, until its dead letter is acknowledged (that body is then already
+// answered: Commit returns its outcome without publishing). It lets a
+// transport decode on each connection's goroutine and publish the bodies of
+// many senders in one Kafka call. Safe for concurrent use.
+func (h *Handler) Prepare(ctx context.Context, body []byte, m Meta) Pending {
+	return h.prepareAt(ctx, body, m, h.clock.Now().UnixMilli())
+}
+
+func (h *Handler) prepareAt(ctx context.Context, body []byte, m Meta, now int64) Pending {
+	d := h.pool.Get().(*decoder)
+	pr, done := h.prepare(ctx, d, body, m, now)
+	if done {
+		h.putDecoder(d)
+		d = nil
+	}
+	return Pending{d: d, pr: pr, meta: m, done: done}
+}
+
+// Release gives back what p holds without publishing it (its sender went
+// away). p must not be used afterwards.
+func (h *Handler) Release(p *Pending) {
+	if p.d != nil {
+		h.putDecoder(p.d)
+		p.d = nil
+	}
+}
+
+func (h *Handler) putDecoder(d *decoder) {
+	d.release()
+	h.pool.Put(d)
+}
+
+// Commit publishes the dead letters of every pending body of ps in one call,
+// then their samples in one call, in the order of ps (a sender's samples
+// stay in order on their partition when its bodies are in order in ps), and
+// appends the outcome of each ps[i] to outs, in order. It blocks until Kafka
+// acknowledged (or failed: every body that reached the shared publish fails
+// with the same error, as in AcceptBatch) and then releases every ps[i].
+// The bodies of ps may be of different senders. Safe for concurrent use.
+func (h *Handler) Commit(ctx context.Context, ps []Pending, outs []Outcome) []Outcome {
 	var (
-		items   []item
-		decs    []*decoder
 		batches []*vigilv1.SampleBatch
 		letters []*vigilv1.DeadLetter
+		n       int
 	)
-	defer func() {
-		for _, d := range decs {
-			d.release()
-			h.pool.Put(d)
+	for i := range ps {
+		if !ps[i].done {
+			n++
+			batches = append(batches, ps[i].pr.batches...)
+			letters = append(letters, ps[i].pr.letters...)
 		}
-	}()
-	for i, data := range bodies {
-		d := h.pool.Get().(*decoder)
-		decs = append(decs, d)
-		pr, done := h.prepare(ctx, d, data, metas[i], now)
-		if done {
-			outs[i] = pr.o
-			continue
-		}
-		items = append(items, item{i, pr})
-		batches = append(batches, pr.batches...)
-		letters = append(letters, pr.letters...)
 	}
-	err := h.pub.DeadLetter(ctx, letters)
-	if err == nil {
-		err = h.pub.Publish(ctx, batches)
-	}
-	for _, it := range items {
-		if err != nil {
-			outs[it.i] = h.failed(it.pr.o, err)
-			continue
+	var err error
+	if n > 0 {
+		// Refusals first, as in Accept.
+		err = h.pub.DeadLetter(ctx, letters)
+		if err == nil {
+			err = h.pub.Publish(ctx, batches)
 		}
-		outs[it.i] = h.answered(it.pr, metas[it.i])
 	}
-	if err == nil {
-		for _, d := range decs {
-			h.rememberPublished(d)
+	for i := range ps {
+		p := &ps[i]
+		switch {
+		case p.done:
+			outs = append(outs, p.pr.o)
+		case err != nil:
+			outs = append(outs, h.failed(p.pr.o, err))
+		default:
+			outs = append(outs, h.answered(p.pr, p.meta))
+			h.rememberPublished(p.d)
 		}
+		h.Release(p)
 	}
 	return outs
 }

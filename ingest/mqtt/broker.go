@@ -9,10 +9,8 @@ import (
 	"fmt"
 	"net"
 	"os"
-	"strings"
 	"sync"
 	"sync/atomic"
-	"time"
 
 	mochi "github.com/mochi-mqtt/server/v2"
 	"github.com/mochi-mqtt/server/v2/hooks/auth"
@@ -52,7 +50,11 @@ type Service struct {
 	// topic (*mochi.Client → *clientState), from its first such publish to
 	// its disconnection.
 	clients sync.Map
-	// workersDone stops the per-client workers (Close).
+	// lanes publish the ingest messages of all clients (lanes.go); a
+	// client is bound to one lane (nextLane, round robin) for its life.
+	lanes    []*lane
+	nextLane atomic.Uint32
+	// workersDone stops the lanes (Close).
 	workersDone chan struct{}
 	// base is the context of Kafka writes: not cancelled by a stop (in
 	// flight publishes finish), only when Close gives up.
@@ -124,7 +126,8 @@ func (s *Service) initBroker() error {
 		Logger:                 s.deps.Log.With("mqtt", "embedded"),
 		SysTopicResendInterval: 0,
 	})
-	if err := s.srv.AddHook(&hook{s: s}, nil); err != nil {
+	h := &hook{s: s}
+	if err := s.srv.AddHook(h, nil); err != nil {
 		return fmt.Errorf("adding mqtt ingest hook: %w", err)
 	}
 	lc := listeners.Config{Type: "tcp", ID: "vigil", Address: e.Listen}
@@ -139,6 +142,7 @@ func (s *Service) initBroker() error {
 	if err := s.srv.AddListener(s.tcp); err != nil {
 		return fmt.Errorf("mqtt listening on %s: %w", e.Listen, err)
 	}
+	h.startLanes()
 	return nil
 }
 
@@ -245,12 +249,11 @@ func (s *Service) Close(ctx context.Context) error {
 	return s.closeErr
 }
 
-// hook is the mochi hook that ingests PUBLISH packets on the client's read
-// goroutine: mochi writes the PUBACK of a QoS 1 PUBLISH only after OnPublish
-// returns (server.go processPublish), so blocking here until Kafka
-// acknowledged holds the PUBACK back, and one client's publishes are
-// processed in order. Returning packets.ErrRejectPacket skips the PUBACK
-// altogether; a packets.Code error sends an MQTT 5 PUBACK with that reason.
+// hook is the mochi hook that ingests PUBLISH packets: OnPublish runs on
+// the client's read goroutine, decodes and validates the payload there and
+// hands it to the client's lane (lanes.go), which publishes it to Kafka with
+// those of other clients and then writes its PUBACK. Returning
+// packets.ErrRejectPacket makes mochi neither acknowledge nor relay it.
 type hook struct {
 	mochi.HookBase
 	s *Service
@@ -260,53 +263,6 @@ func (h *hook) ID() string { return "vigil-ingest" }
 
 func (h *hook) Provides(b byte) bool {
 	return bytes.Contains([]byte{mochi.OnConnectAuthenticate, mochi.OnACLCheck, mochi.OnPublish, mochi.OnDisconnect}, []byte{b})
-}
-
-// Per-client pipeline bounds: a client may have up to clientQueue ingest
-// publishes read but not yet acknowledged (beyond that its read loop waits,
-// which stops reading its socket: backpressure); a worker takes up to
-// maxBatch of them into one Kafka write.
-const (
-	clientQueue = 256
-	maxBatch    = 64
-)
-
-// clientState is what the hook keeps per client that published to an
-// ingest topic. topic and origin are used on the client's read goroutine
-// only; queue carries its publishes, in order, to its worker goroutine.
-type clientState struct {
-	// topic and origin cache the dead-letter origin of the client's last
-	// topic: a device publishes to one topic, and building the string per
-	// message showed in profiles.
-	topic, origin string
-	queue         chan job
-}
-
-// job is one ingest PUBLISH waiting for its worker.
-type job struct {
-	msg   message
-	id    uint16
-	start time.Time
-}
-
-// state returns the client's state, starting its worker on first use. It
-// runs on the client's read goroutine.
-func (h *hook) state(cl *mochi.Client) *clientState {
-	if v, ok := h.s.clients.Load(cl); ok {
-		return v.(*clientState)
-	}
-	st := &clientState{queue: make(chan job, clientQueue)}
-	h.s.clients.Store(cl, st)
-	go h.work(cl, st.queue)
-	return st
-}
-
-// OnDisconnect ends the client's worker once it has taken what was queued
-// (it runs on the client's read goroutine after the last OnPublish).
-func (h *hook) OnDisconnect(cl *mochi.Client, _ error, _ bool) {
-	if v, ok := h.s.clients.LoadAndDelete(cl); ok {
-		close(v.(*clientState).queue)
-	}
 }
 
 // OnConnectAuthenticate admits anonymous clients per mqtt.embedded.auth.
@@ -345,166 +301,6 @@ func isLoopback(remote string) bool {
 	}
 	ip := net.ParseIP(host)
 	return ip != nil && ip.IsLoopback()
-}
-
-// OnPublish takes a PUBLISH to vigil/... off the client's read loop onto
-// the client's worker (see work), which acknowledges it once Kafka has the
-// samples; see the package documentation for the answers. The read loop
-// goes on reading, so a client may pipeline (up to clientQueue messages);
-// the worker keeps their order. Ingest messages are not relayed to MQTT
-// subscribers (they are on vigil.samples.v1; relaying would also show every
-// patient's data to any client allowed to subscribe). Other topics are
-// ordinary MQTT traffic.
-func (h *hook) OnPublish(cl *mochi.Client, pk packets.Packet) (packets.Packet, error) {
-	s := h.s
-	if cl.Net.Inline || (pk.TopicName != TopicRoot && !strings.HasPrefix(pk.TopicName, TopicRoot+"/")) {
-		return pk, nil
-	}
-	qos := pk.FixedHeader.Qos
-	if qos > 0 && s.closing.Load() {
-		// Stopping: not taken, not acknowledged; the client sends it
-		// again to the next broker (or to us after a restart).
-		s.in.m.dropped.WithLabelValues("embedded", "stopping").Inc()
-		h.disconnect(cl, packets.ErrServerShuttingDown)
-		return pk, packets.ErrRejectPacket
-	}
-	st := h.state(cl)
-	if st.topic != pk.TopicName {
-		st.topic, st.origin = pk.TopicName, "mqtt://"+cl.ID+"@"+cl.Net.Remote+"/"+clipTopic(pk.TopicName)
-	}
-	s.inflight.add()
-	j := job{msg: message{topic: pk.TopicName, payload: pk.Payload, qos: qos, origin: st.origin}, id: pk.PacketID, start: time.Now()}
-	select {
-	case st.queue <- j:
-	case <-s.workersDone:
-		s.inflight.done()
-	}
-	// mochi neither acknowledges nor relays it: the worker acknowledges.
-	return pk, packets.ErrRejectPacket
-}
-
-// work ingests a client's publishes in order: it takes what is queued (up
-// to maxBatch), writes it to Kafka in one call, then writes the PUBACKs in
-// one write. It ends when the client disconnects or the service closes.
-func (h *hook) work(cl *mochi.Client, q chan job) {
-	s := h.s
-	var (
-		batch   []job
-		msgs    []message
-		results []result
-		acks    bytes.Buffer
-		broken  bool // the connection was closed for a Kafka failure
-	)
-	for {
-		select {
-		case j, ok := <-q:
-			if !ok {
-				return
-			}
-			batch = append(batch[:0], j)
-		case <-s.workersDone:
-			return
-		}
-	more:
-		for len(batch) < maxBatch {
-			select {
-			case j, ok := <-q:
-				if !ok {
-					break more
-				}
-				batch = append(batch, j)
-			default:
-				break more
-			}
-		}
-		if broken || cl.Closed() {
-			// Gone before we got to it: not acknowledged, so the client
-			// sends it again.
-			s.in.m.dropped.WithLabelValues("embedded", "disconnected").Add(float64(len(batch)))
-			for range batch {
-				s.inflight.done()
-			}
-			continue
-		}
-		msgs = msgs[:0]
-		for _, j := range batch {
-			msgs = append(msgs, j.msg)
-		}
-		results = s.in.handleBatch(s.base, modeEmbedded, msgs, TopicRoot, results)
-		acks.Reset()
-		broken = h.answer(cl, batch, results, &acks)
-		if acks.Len() > 0 {
-			cl.Lock() // mochi's write lock of the connection (see Client.WritePacket)
-			_, err := cl.Net.Conn.Write(acks.Bytes())
-			cl.Unlock()
-			if err != nil {
-				s.deps.Log.Debug("mqtt writing PUBACKs failed; the client will re-send", "client", cl.ID, "err", err)
-			}
-		}
-		if broken {
-			h.disconnect(cl, packets.ErrServerBusy)
-		}
-		now := time.Now()
-		for _, j := range batch {
-			if j.msg.qos > 0 && !broken {
-				s.in.m.ackLat[modeEmbedded].Observe(now.Sub(j.start).Seconds())
-			}
-			s.inflight.done()
-		}
-	}
-}
-
-// answer encodes into acks the PUBACKs of batch, in order, by verdict; on a
-// Kafka failure it stops there and reports true: the caller closes the
-// connection after writing acks instead of acknowledging the rest (the
-// client sends them again).
-func (h *hook) answer(cl *mochi.Client, batch []job, results []result, acks *bytes.Buffer) (broken bool) {
-	s := h.s
-	v5 := cl.Properties.ProtocolVersion == 5
-	for i, r := range results {
-		j := batch[i]
-		if r.verdict == failed && j.msg.qos == 0 {
-			s.deps.Log.Warn("mqtt qos 0 message lost: kafka did not acknowledge", "client", cl.ID, "topic", j.msg.topic, "err", r.reason)
-			continue
-		}
-		if j.msg.qos == 0 {
-			continue
-		}
-		var code packets.Code
-		switch {
-		case r.verdict == refused && v5:
-			code = packets.Code{Code: r.code, Reason: clipReason(r.reason)}
-		case r.verdict == failed && v5 && !r.retriable:
-			code = packets.Code{Code: 0x80, Reason: clipReason(r.reason)}
-		case r.verdict == failed:
-			// No PUBACK: close the connection so that the client sends
-			// it (and what follows it) again once it reconnects (MQTT
-			// has no other way to ask).
-			n := 0
-			for _, k := range batch[i:] {
-				if k.msg.qos > 0 {
-					n++
-				}
-			}
-			s.in.m.dropped.WithLabelValues("embedded", "kafka").Add(float64(n))
-			s.deps.Log.Warn("mqtt publish not acknowledged: kafka unavailable; disconnecting the client so it re-sends", "client", cl.ID, "unacknowledged", n, "err", r.reason)
-			return true
-		}
-		// MQTT 3.1.1 has no negative PUBACK: a refused message will
-		// never succeed and is on the dead-letter topic, so it is
-		// acknowledged.
-		pk := packets.Packet{FixedHeader: packets.FixedHeader{Type: packets.Puback}, PacketID: j.id, ReasonCode: code.Code,
-			ProtocolVersion: cl.Properties.ProtocolVersion}
-		if code.Code >= packets.ErrUnspecifiedError.Code {
-			pk.Properties.ReasonString = code.Reason
-		}
-		// [MQTT-3.1.2-29]: no reason string when the client asked for
-		// no problem information.
-		pk.Mods.DisallowProblemInfo = cl.Properties.Props.RequestProblemInfoFlag && cl.Properties.Props.RequestProblemInfo == 0
-		pk.Mods.MaxSize = cl.Properties.Props.MaximumPacketSize
-		_ = pk.PubackEncode(acks)
-	}
-	return false
 }
 
 // disconnect closes a client's connection: MQTT 5 with a DISCONNECT

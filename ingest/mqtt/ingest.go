@@ -128,6 +128,9 @@ func newMetrics(reg prometheus.Registerer) (*metrics, error) {
 // resolver, when not nil, gives samples without a patient the patient bound
 // to their device.
 func newIngester(cfg config.Config, deps stage.Deps, pub httpjson.Publisher, m *metrics, resolver httpjson.Resolver) (*ingester, error) {
+	if n, ok := pub.(nower); ok {
+		pub = nowPublisher{Publisher: pub, now: n}
+	}
 	core, err := httpjson.NewCore(cfg, deps, pub)
 	if err != nil {
 		return nil, fmt.Errorf("creating mqtt ingest: %w", err)
@@ -139,6 +142,25 @@ func newIngester(cfg config.Config, deps stage.Deps, pub httpjson.Publisher, m *
 		core.SetResolver(resolver)
 	}
 	return &ingester{core: core, pub: pub, log: deps.Log, clock: deps.Clock, maxPayload: cfg.MQTT.MaxPayloadBytes, m: m}, nil
+}
+
+// nower is a publisher that can send a call's records without lingering
+// (publish.Publisher.PublishNow).
+type nower interface {
+	PublishNow(ctx context.Context, batches []*vigilv1.SampleBatch) error
+}
+
+// nowPublisher publishes through PublishNow: a lane's call already holds
+// the messages of every client that published meanwhile, and the external
+// subscriber waits for each message, so the producer's linger would only
+// add latency.
+type nowPublisher struct {
+	httpjson.Publisher
+	now nower
+}
+
+func (p nowPublisher) Publish(ctx context.Context, batches []*vigilv1.SampleBatch) error {
+	return p.now.PublishNow(ctx, batches)
 }
 
 // parseTopic splits <root>/<tenant>/<device>/samples; root "" accepts any
@@ -175,44 +197,6 @@ func (in *ingester) process(ctx context.Context, topic string, payload []byte, o
 		return r
 	}
 	return verdictOf(in.core.Accept(ctx, payload, meta))
-}
-
-// message is one PUBLISH for handleBatch.
-type message struct {
-	topic   string
-	payload []byte
-	qos     byte
-	origin  string
-}
-
-// handleBatch is handle for messages one client sent in a row (without
-// waiting for each PUBACK): their samples go to Kafka in one call, in
-// order (httpjson.Handler.AcceptBatch). results[i] is the verdict on
-// msgs[i]. It blocks until Kafka acknowledged (or failed).
-func (in *ingester) handleBatch(ctx context.Context, mode int, msgs []message, root string, results []result) []result {
-	results = results[:0]
-	var (
-		bodies [][]byte
-		metas  []httpjson.Meta
-		at     []int
-	)
-	for i, m := range msgs {
-		in.m.recv[mode][min(m.qos, 2)].Inc()
-		meta, r, ok := in.check(ctx, m.topic, m.payload, m.origin, root)
-		results = append(results, r)
-		if ok {
-			bodies, metas, at = append(bodies, m.payload), append(metas, meta), append(at, i)
-		}
-	}
-	if len(bodies) > 0 {
-		for j, o := range in.core.AcceptBatch(ctx, bodies, metas) {
-			results[at[j]] = verdictOf(o)
-		}
-	}
-	for i, m := range msgs {
-		in.m.out[mode][min(m.qos, 2)][results[i].verdict].Inc()
-	}
-	return results
 }
 
 // check takes the tenant and device from topic and bounds the payload; ok

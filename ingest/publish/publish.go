@@ -141,6 +141,35 @@ type metrics struct {
 	failures  *prometheus.CounterVec
 	latency   prometheus.Histogram
 	splitRecs prometheus.Counter
+
+	// bySource caches the children of batches and accepted per source
+	// (index: the Source value), created on first use so that only sources
+	// seen are exported: resolving the label (and building it with
+	// Source.Label) per record showed in profiles.
+	bySource *[maxCachedSource + 1]atomic.Pointer[sourceCounters]
+}
+
+// maxCachedSource is the largest Source value whose counters are cached.
+const maxCachedSource = 15
+
+// sourceCounters are the per-record counters of one source.
+type sourceCounters struct {
+	batches, accepted prometheus.Counter
+}
+
+// source returns the counters of src.
+func (m *metrics) source(src vigilv1.Source) *sourceCounters {
+	if src < 0 || src > maxCachedSource {
+		l := src.Label()
+		return &sourceCounters{batches: m.batches.WithLabelValues(l), accepted: m.accepted.WithLabelValues(l)}
+	}
+	if c := m.bySource[src].Load(); c != nil {
+		return c
+	}
+	l := src.Label()
+	c := &sourceCounters{batches: m.batches.WithLabelValues(l), accepted: m.accepted.WithLabelValues(l)}
+	m.bySource[src].Store(c) // a concurrent first use stores the same children
+	return c
 }
 
 // New creates a Publisher for cfg (brokers, topics, produce timeout, buffer
@@ -185,7 +214,7 @@ func New(cfg config.Config, deps stage.Deps) (*Publisher, error) {
 }
 
 func newMetrics(reg prometheus.Registerer) (metrics, error) {
-	var m metrics
+	m := metrics{bySource: new([maxCachedSource + 1]atomic.Pointer[sourceCounters])}
 	var err error
 	if m.accepted, err = register(reg, prometheus.NewCounterVec(prometheus.CounterOpts{
 		Name: "vigil_ingest_samples_accepted_total",
@@ -272,16 +301,28 @@ func (p *Publisher) begin() bool {
 // waits). Samples count as accepted in the metrics once acknowledged, under
 // the batch's source.
 func (p *Publisher) Publish(ctx context.Context, batches []*vigilv1.SampleBatch) error {
+	return p.publish(ctx, batches, false)
+}
+
+// PublishNow is Publish for a caller that already gathered many senders'
+// batches into one call (the MQTT ingest's lanes): its records are sent
+// at once instead of waiting for the producer's linger (2 ms), which would
+// only add latency to a batch already made; other callers' records keep
+// lingering. It blocks, and treats batches, as Publish does.
+func (p *Publisher) PublishNow(ctx context.Context, batches []*vigilv1.SampleBatch) error {
+	return p.publish(ctx, batches, true)
+}
+
+func (p *Publisher) publish(ctx context.Context, batches []*vigilv1.SampleBatch, now bool) error {
 	if len(batches) == 0 {
 		return nil
 	}
-	op := fmt.Sprintf("publishing %d sample batches", len(batches))
 	if !p.begin() {
-		return &Error{Op: op, Retriable: true, Err: ErrClosed}
+		return &Error{Op: publishOp(len(batches)), Retriable: true, Err: ErrClosed}
 	}
 	defer p.inflight.Done()
 	start := time.Now()
-	now := p.clock.Now().UnixMilli()
+	nowMs := p.clock.Now().UnixMilli()
 	recs := make([]*kgo.Record, 0, len(batches))
 	metas := make([]recMeta, 0, len(batches))
 	for _, b := range batches {
@@ -289,31 +330,39 @@ func (p *Publisher) Publish(ctx context.Context, batches []*vigilv1.SampleBatch)
 			b.SchemaVersion = SchemaVersion
 		}
 		if b.IngestTimeMs == 0 {
-			b.IngestTimeMs = now
+			b.IngestTimeMs = nowMs
 		}
 		var err error
 		if recs, metas, err = p.appendBatch(recs, metas, b); err != nil {
 			p.m.failures.WithLabelValues("samples", "permanent").Inc()
-			return &Error{Op: op, Retriable: false, Err: err}
+			return &Error{Op: publishOp(len(batches)), Retriable: false, Err: err}
 		}
 	}
 	onAck := func(i int) {
-		src := metas[i].source.Label()
-		p.m.batches.WithLabelValues(src).Inc()
-		p.m.accepted.WithLabelValues(src).Add(float64(metas[i].samples))
+		c := metas[i].counters
+		c.batches.Inc()
+		c.accepted.Add(float64(metas[i].samples))
 	}
-	err := p.produce(ctx, recs, onAck)
+	var err error
+	if now {
+		err = p.produceNow(ctx, recs, onAck)
+	} else {
+		err = p.produce(ctx, recs, onAck)
+	}
 	p.m.latency.Observe(time.Since(start).Seconds())
 	if err != nil {
-		return p.fail("samples", op, err)
+		return p.fail("samples", publishOp(len(batches)), err)
 	}
 	return nil
 }
 
+// publishOp names a Publish call in errors (built only when one fails).
+func publishOp(n int) string { return fmt.Sprintf("publishing %d sample batches", n) }
+
 // recMeta is what the ack callback counts for one sample record.
 type recMeta struct {
-	source  vigilv1.Source
-	samples int
+	counters *sourceCounters
+	samples  int
 }
 
 // appendBatch encodes b into records (splitting it when too large).
@@ -339,7 +388,7 @@ func (p *Publisher) appendBatch(recs []*kgo.Record, metas []recMeta, b *vigilv1.
 			b.Tenant, b.Patient, len(val), MaxRecordBytes, kerr.MessageTooLarge)
 	}
 	recs = append(recs, &kgo.Record{Topic: p.samples, Key: bus.PatientKey(b.Tenant, b.Patient), Value: val})
-	return recs, append(metas, recMeta{source: b.Source, samples: len(b.Samples)}), nil
+	return recs, append(metas, recMeta{counters: p.m.source(b.Source), samples: len(b.Samples)}), nil
 }
 
 // shallowHeader copies b's header fields (not its samples).
@@ -465,6 +514,56 @@ func (p *Publisher) produce(ctx context.Context, recs []*kgo.Record, onAck func(
 	errMu.Lock()
 	defer errMu.Unlock()
 	return firstErr
+}
+
+// produceNow is produce without the producer's linger: kgo's ProduceSync
+// sends the partitions it produced to at once. ProduceSync waits for every
+// record whatever ctx does, so it runs on its own goroutine (one per call,
+// which carries a whole batch) and the call returns when ctx ends or the
+// produce timeout passes, as produce does; the goroutine ends when the
+// records' delivery timeout settles them, and counts what was acknowledged.
+func (p *Publisher) produceNow(ctx context.Context, recs []*kgo.Record, onAck func(i int)) error {
+	ctx, cancel := context.WithTimeout(ctx, p.timeout)
+	defer cancel()
+	for _, r := range recs {
+		r.Context = context.Background() // see produce
+	}
+	done := make(chan error, 1)
+	go func() {
+		res := p.cl.ProduceSync(ctx, recs...)
+		if err := res.FirstErr(); err == nil {
+			for i := range recs {
+				onAck(i)
+			}
+			done <- nil
+			return
+		}
+		// Results come in completion order: find each one's index.
+		at := make(map[*kgo.Record]int, len(recs))
+		for i, r := range recs {
+			at[r] = i
+		}
+		var first error
+		for _, r := range res {
+			if r.Err == nil {
+				onAck(at[r.Record])
+			} else if first == nil {
+				first = r.Err
+			}
+		}
+		done <- first
+	}()
+	select {
+	case err := <-done:
+		return err
+	case <-ctx.Done():
+		select {
+		case err := <-done: // acknowledged just in time
+			return err
+		default:
+			return fmt.Errorf("waiting for kafka acknowledgement of %d records: %w", len(recs), ctx.Err())
+		}
+	}
 }
 
 // Close waits (within ctx) for in-flight calls, flushes what is buffered
