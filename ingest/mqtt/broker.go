@@ -16,6 +16,7 @@ import (
 	"github.com/mochi-mqtt/server/v2/hooks/auth"
 	"github.com/mochi-mqtt/server/v2/listeners"
 	"github.com/mochi-mqtt/server/v2/packets"
+	"golang.org/x/sync/semaphore"
 
 	"github.com/vigilhealth/vigil/ingest/httpjson"
 	"github.com/vigilhealth/vigil/internal/config"
@@ -54,6 +55,9 @@ type Service struct {
 	// client is bound to one lane (nextLane, round robin) for its life.
 	lanes    []*lane
 	nextLane atomic.Uint32
+	// queued holds the bytes of the payloads between OnPublish and their
+	// answer (maxQueuedBytes).
+	queued *semaphore.Weighted
 	// workersDone stops the lanes (Close).
 	workersDone chan struct{}
 	// base is the context of Kafka writes: not cancelled by a stop (in
@@ -77,7 +81,8 @@ func New(cfg config.Config, deps stage.Deps, pub httpjson.Publisher, opts ...Opt
 	if pub == nil {
 		return nil, errors.New("creating mqtt ingest: no publisher")
 	}
-	s := &Service{cfg: cfg.MQTT, deps: deps, inflight: newDrainGroup(), workersDone: make(chan struct{})}
+	s := &Service{cfg: cfg.MQTT, deps: deps, inflight: newDrainGroup(), workersDone: make(chan struct{}),
+		queued: semaphore.NewWeighted(maxQueuedBytes)}
 	for _, o := range opts {
 		o(s)
 	}

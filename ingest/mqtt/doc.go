@@ -34,15 +34,20 @@
 // # Acknowledgement
 //
 // A QoS 1 PUBLISH is acknowledged (PUBACK) only after Kafka acknowledged its
-// samples and dead letters. The hook takes each ingest PUBLISH off the
-// client's read loop onto that client's worker (a bounded queue of
-// clientQueue messages; when it is full the read loop waits, which stops
-// reading the socket: backpressure). The worker takes what is queued (up to
-// maxBatch messages), writes their samples to Kafka in one call, in order
-// (httpjson.Handler.AcceptBatch), then writes their PUBACKs in order in one
-// write. So a device may pipeline (send messages without waiting for each
-// PUBACK, as MQTT's receive maximum allows) and costs one Kafka round trip
-// per batch, and its samples keep their order on their partition. Then:
+// samples and dead letters. The hook decodes and validates each ingest
+// PUBLISH on the client's read goroutine (a device over its rate limit
+// waits there, on its own connection) and queues it on the client's lane: a
+// few goroutines (lanes.go), each serving many clients through a bounded
+// queue (when it is full the read loops wait, which stops reading their
+// sockets: backpressure). A lane takes what is queued (up to maxBatch
+// messages of any of its clients), writes their samples to Kafka in one call
+// without waiting for the producer's linger (httpjson.Handler.Commit,
+// publish.Publisher.PublishNow), then writes each client's PUBACKs in one
+// write. So devices that each wait for their PUBACK share a Kafka round
+// trip with every device that published meanwhile, a device may pipeline
+// (as MQTT's receive maximum allows), and since a client keeps its lane and
+// a lane publishes one batch at a time, one client's samples keep their
+// order on their partition and its PUBACKs come in order. Then:
 //
 //   - all samples accepted: PUBACK (reason 0x00);
 //   - some or all refused (invalid JSON, out of range, unknown metric, ...):

@@ -32,9 +32,15 @@ const (
 	// laneQueue bounds the messages read and decoded but not yet taken by
 	// their lane; when it is full the read loops of the lane's clients
 	// wait, which stops reading their sockets (backpressure).
-	laneQueue = 512
+	laneQueue = 1024
+	// maxQueuedBytes bounds the payloads read but not yet answered, over
+	// all lanes (Service.queued; a payload's decoded samples alias it and
+	// are of the same order): a read loop waits for room, which stops
+	// reading its socket, so memory stays bounded whatever the number of
+	// clients and lanes.
+	maxQueuedBytes = 32 << 20
 	// maxBatch bounds the messages one lane publishes in one Kafka call.
-	maxBatch = 256
+	maxBatch = 512
 	// ackWriteTimeout bounds writing one client's PUBACKs: a client that
 	// does not read its socket would otherwise hold its lane (and every
 	// other client of it); it is disconnected instead and sends again what
@@ -44,7 +50,7 @@ const (
 
 // laneCount is the number of lanes: a few per core, so that a lane waiting
 // for Kafka leaves others collecting and publishing.
-func laneCount() int { return max(4, 2*runtime.GOMAXPROCS(0)) }
+func laneCount() int { return min(max(4, 4*runtime.GOMAXPROCS(0)), 64) }
 
 // lane is one publishing goroutine and its queue. Everything but q is
 // owned by the lane's goroutine.
@@ -91,6 +97,7 @@ type job struct {
 	id      uint16
 	topic   string
 	start   time.Time
+	weight  int64 // of Service.queued, held until the lane is done with it
 	// Set by the lane: gone (not processed: the client went away first),
 	// acked (a PUBACK was written).
 	gone, acked bool
@@ -154,7 +161,14 @@ func (h *hook) OnPublish(cl *mochi.Client, pk packets.Packet) (packets.Packet, e
 	s.inflight.add()
 	in := s.in
 	in.m.recv[modeEmbedded][min(qos, 2)].Inc()
-	j := job{st: st, qos: qos, id: pk.PacketID, topic: pk.TopicName, start: time.Now()}
+	j := job{st: st, qos: qos, id: pk.PacketID, topic: pk.TopicName, start: time.Now(),
+		weight: min(int64(len(pk.Payload))+1, maxQueuedBytes)}
+	if err := s.queued.Acquire(s.base, j.weight); err != nil {
+		// Closed while waiting for room: not taken, not acknowledged.
+		in.m.dropped.WithLabelValues("embedded", "stopping").Inc()
+		s.inflight.done()
+		return pk, packets.ErrRejectPacket
+	}
 	if meta, r, ok := in.check(s.base, pk.TopicName, pk.Payload, st.origin, TopicRoot); ok {
 		// pk.Payload is this packet's own buffer (mochi allocates one per
 		// packet), so it may outlive OnPublish in j.pend.
@@ -166,6 +180,7 @@ func (h *hook) OnPublish(cl *mochi.Client, pk packets.Packet) (packets.Packet, e
 	case st.lane.q <- j:
 	case <-s.workersDone:
 		in.core.Release(&j.pend)
+		s.queued.Release(j.weight)
 		s.inflight.done()
 	}
 	// mochi neither acknowledges nor relays it: the lane acknowledges.
@@ -250,6 +265,7 @@ func (h *hook) commit(l *lane) {
 		if batch[i].acked {
 			in.m.ackLat[modeEmbedded].Observe(now.Sub(batch[i].start).Seconds())
 		}
+		s.queued.Release(batch[i].weight)
 		s.inflight.done()
 	}
 	clear(batch)
