@@ -125,3 +125,30 @@ func FuzzDecodeBatch(f *testing.F) {
 		}
 	})
 }
+
+// TestDecodeSequenceMatchesProto: one decoder, fed a long sequence of
+// records whose strings repeat at the same positions or change (patients,
+// metric orders, batches of more samples than have recent slots), gives
+// what proto.Unmarshal gives for every record.
+func TestDecodeSequenceMatchesProto(t *testing.T) {
+	batches := workload(7, 3, 5)
+	long := &vigilv1.SampleBatch{Tenant: "t2", Patient: "p-long", Device: "d"}
+	for i := range recentSamples + 5 {
+		long.Samples = append(long.Samples, &vigilv1.Sample{Metric: []string{"heart_rate", "spo2", "steps"}[i%3], Unit: []string{"", "%", "/min"}[i%3], Value: float64(i), Channel: "c"})
+	}
+	batches = append(batches, long, batches[0], long)
+	var d batchDecoder
+	var got vigilv1.SampleBatch
+	for i, want := range batches {
+		v, err := proto.Marshal(want)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if err := d.decode(v, &got); err != nil {
+			t.Fatalf("record %d: decode: %v", i, err)
+		}
+		if !proto.Equal(&got, want) {
+			t.Fatalf("record %d: decoded\n%v\nwant\n%v", i, &got, want)
+		}
+	}
+}

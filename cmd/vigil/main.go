@@ -170,6 +170,7 @@ func realMain(args, environ []string, stdout, stderr io.Writer) int {
 	}
 	env.cfg = cfg
 	env.log = newLogger(cfg.Log, stderr)
+	defer cfg.Runtime.Apply()() // runtime.gc_percent, runtime.memory_limit; put back on return (tests run commands in-process)
 
 	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
 	defer stop()

@@ -42,6 +42,12 @@ type Rule struct {
 	// ("low", "medium", "high") it would raise with, and a sentence saying
 	// why. It must be a pure function of s.
 	Check func(s *vigilv1.Score) (holds bool, severity, reason string)
+	// Holds, when set, reports what Check's holds would, without building
+	// the reason: Evaluate then calls Check only when the rule's alert
+	// opens or resolves, so that a score that changes no alert costs no
+	// allocation (the reasons are formatted text). It must agree with
+	// Check on every score.
+	Holds func(s *vigilv1.Score) bool
 }
 
 // NEWS2Rules are the rules over NEWS2, after the RCP 2017 thresholds and
@@ -58,6 +64,7 @@ func NEWS2Rules() []Rule {
 	return []Rule{
 		{
 			Name: RuleNEWS2Aggregate, Kind: news2.Kind,
+			Holds: func(s *vigilv1.Score) bool { return s.GetValue() >= 5 },
 			Check: func(s *vigilv1.Score) (bool, string, string) {
 				v := s.GetValue()
 				if v < 5 {
@@ -72,6 +79,7 @@ func NEWS2Rules() []Rule {
 		},
 		{
 			Name: RuleNEWS2SingleRed, Kind: news2.Kind,
+			Holds: func(s *vigilv1.Score) bool { return s.GetSingleParameterRed() && s.GetValue() < 5 },
 			Check: func(s *vigilv1.Score) (bool, string, string) {
 				v := s.GetValue()
 				switch {
@@ -196,8 +204,11 @@ func (e *Evaluator) Evaluate(st *State, s *vigilv1.Score, tr Trigger) []*vigilv1
 		if r.Kind != s.GetKind() {
 			continue
 		}
-		holds, severity, reason := r.Check(s)
 		i := st.find(r.Name)
+		if r.Holds != nil && r.Holds(s) == (i >= 0) {
+			continue // no transition: skip building the reason
+		}
+		holds, severity, reason := r.Check(s)
 		switch {
 		case holds && i < 0:
 			o := Open{

@@ -244,6 +244,12 @@ func (s *Service) Close(ctx context.Context) error {
 			}
 			s.cancel()
 			close(s.workersDone)
+			// mochi closes a listener's clients under Clients.GetByListener,
+			// which takes the clients' read lock twice and so deadlocks
+			// with a client deleting itself at that moment (seen when
+			// devices hang up during a stop). Closing the listener here
+			// with closeClients makes srv.Close skip that step.
+			s.tcp.Close(s.closeClients)
 			s.closeErr = s.srv.Close()
 		}
 		s.cancel()
@@ -252,6 +258,16 @@ func (s *Service) Close(ctx context.Context) error {
 		}
 	})
 	return s.closeErr
+}
+
+// closeClients disconnects the clients of listener id, listing them under
+// one read lock of mochi's client map (Clients.GetAll).
+func (s *Service) closeClients(id string) {
+	for _, cl := range s.srv.Clients.GetAll() {
+		if cl.Net.Listener == id && !cl.Closed() {
+			_ = s.srv.DisconnectClient(cl, packets.ErrServerShuttingDown)
+		}
+	}
 }
 
 // hook is the mochi hook that ingests PUBLISH packets: OnPublish runs on

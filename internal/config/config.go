@@ -45,6 +45,7 @@ type Config struct {
 	MLLP       MLLP       `yaml:"mllp"`
 	Waveform   Waveform   `yaml:"waveform"`
 	MQTT       MQTT       `yaml:"mqtt"`
+	Runtime    Runtime    `yaml:"runtime"`
 }
 
 // Log configures structured logging.
@@ -371,6 +372,7 @@ func Default() Config {
 		MLLP:     defaultMLLP(),
 		Waveform: defaultWaveform(),
 		MQTT:     defaultMQTT(),
+		Runtime:  defaultRuntime(),
 	}
 }
 
@@ -686,6 +688,7 @@ func (c *Config) Validate() error {
 	c.MLLP.validate(bad)
 	c.Waveform.validate(bad)
 	c.MQTT.validate(bad)
+	c.Runtime.validate(bad)
 	if c.Status.Interval < 0 {
 		bad("status.interval", "must not be negative")
 	}
