@@ -1,7 +1,6 @@
 package main
 
 import (
-	"bytes"
 	"os"
 	"path/filepath"
 	"strings"
@@ -17,7 +16,7 @@ func TestPrintConfigLayers(t *testing.T) {
 	if err := os.WriteFile(path, []byte("http:\n  listen: 127.0.0.1:7000\nstream:\n  window: 30s\nsink:\n  batch_rows: 500\n"), 0o600); err != nil {
 		t.Fatal(err)
 	}
-	var out, errOut bytes.Buffer
+	var out, errOut syncBuffer
 	code := realMain([]string{"run", "--config", path, "--http", "127.0.0.1:7001", "--set", "sink.batch_rows=700", "--print-config"},
 		[]string{"VIGIL_STREAM_WINDOW=2m", "VIGIL_SINK_BATCH_ROWS=600", "VIGIL_KAFKA_BROKERS=k1:9092,k2:9092"}, &out, &errOut)
 	if code != 0 {
@@ -52,7 +51,7 @@ func TestConfigErrorsNameTheField(t *testing.T) {
 		{[]string{"stream", "--brokers", "not-a-host-port"}, "kafka.brokers[0]"},
 		{[]string{"frobnicate"}, `unknown command "frobnicate"`},
 	} {
-		var out, errOut bytes.Buffer
+		var out, errOut syncBuffer
 		if code := realMain(tc.args, nil, &out, &errOut); code != 2 {
 			t.Errorf("%v: exit %d, want 2", tc.args, code)
 		}
@@ -63,7 +62,7 @@ func TestConfigErrorsNameTheField(t *testing.T) {
 }
 
 func TestStageWithoutBrokersRefusesClearly(t *testing.T) {
-	var out, errOut bytes.Buffer
+	var out, errOut syncBuffer
 	if code := realMain([]string{"stream", "--data-dir", t.TempDir()}, nil, &out, &errOut); code != 1 {
 		t.Fatalf("exit %d, want 1", code)
 	}

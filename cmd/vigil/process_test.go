@@ -394,3 +394,15 @@ func TestBrokerListsTopicsToKcat(t *testing.T) {
 	}
 	p.stop(t, 10*time.Second)
 }
+
+func (s *syncBuffer) Bytes() []byte {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return bytes.Clone(s.b.Bytes())
+}
+
+func (s *syncBuffer) Reset() {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	s.b.Reset()
+}

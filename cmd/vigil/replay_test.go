@@ -47,7 +47,7 @@ func TestReplayCommand(t *testing.T) {
 		}
 	}
 	addr := testenv.Kafka(t)
-	var out, errOut bytes.Buffer
+	var out, errOut syncBuffer
 	code := realMain([]string{"replay", "--brokers", addr, "--data-dir", t.TempDir(), "--quiet", "--tenant", "ward-9", dir},
 		nil, &out, &errOut)
 	if code != 0 {
@@ -78,7 +78,9 @@ var summaryRE = regexp.MustCompile(`replayed (\d+) files, (\d+) rows: (\d+) samp
 // broker at addr and returns its summary and standard error.
 func vigilReplay(t *testing.T, addr string, args ...string) (replaySummary, string) {
 	t.Helper()
-	var out, errOut bytes.Buffer
+	// stderr takes the log and the progress lines from different
+	// goroutines, as an *os.File would.
+	var out, errOut syncBuffer
 	full := append([]string{"replay", "--brokers", addr, "--data-dir", t.TempDir()}, args...)
 	if code := realMain(full, nil, &out, &errOut); code != 0 {
 		t.Fatalf("vigil %s: exit %d: %s", strings.Join(full, " "), code, errOut.String())
@@ -267,7 +269,7 @@ func makeRecording(t *testing.T) string {
 	go func() { done <- p.runner.Run(ctx) }()
 	defer func() { cancel(); <-done }()
 	path := filepath.Join(t.TempDir(), "ward.jsonl.gz")
-	var out, errOut bytes.Buffer
+	var out, errOut syncBuffer
 	args := []string{"simulate", "--record", path, "--set", "simulator.target=http://" + p.cfg.HTTP.Listen,
 		"--set", "simulator.tenant=sim-ward", "--set", "simulator.beds=3", "--set", "simulator.wearables=1",
 		"--set", "simulator.deteriorating=1", "--set", "simulator.pre_roll=10m", "--set", "simulator.duration=1s"}
