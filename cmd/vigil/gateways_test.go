@@ -26,14 +26,23 @@ func TestGatewaysWired(t *testing.T) {
 	brokerAddr, chAddr := testenv.Kafka(t), testenv.ClickHouse(t)
 	base, p := startPlatform(t, brokerAddr, chAddr, testenv.Logger(t))
 
-	resp, err := http.Get(base + "/readyz")
-	if err != nil {
-		t.Fatal(err)
+	// The stages start concurrently: /readyz turns ready once the broker
+	// listens, as a load balancer would poll it.
+	var ready []byte
+	for deadline := time.Now().Add(10 * time.Second); ; {
+		resp, err := http.Get(base + "/readyz")
+		if err != nil {
+			t.Fatal(err)
+		}
+		ready, _ = io.ReadAll(resp.Body)
+		resp.Body.Close()
+		if strings.Contains(string(ready), `"name":"mqtt","ok":true`) || time.Now().After(deadline) {
+			break
+		}
+		time.Sleep(50 * time.Millisecond)
 	}
-	ready, _ := io.ReadAll(resp.Body)
-	resp.Body.Close()
 	if !strings.Contains(string(ready), `"name":"mqtt","ok":true`) {
-		t.Errorf("/readyz does not report the MQTT broker ready: %s", ready)
+		t.Errorf("/readyz does not report the MQTT broker ready within 10 s: %s", ready)
 	}
 
 	at := time.Now().Add(-time.Minute).UTC().Truncate(time.Second)
