@@ -10,6 +10,7 @@ import (
 	"github.com/vigilhealth/vigil/ingest/httpjson"
 	"github.com/vigilhealth/vigil/ingest/mapping"
 	"github.com/vigilhealth/vigil/ingest/publish"
+	"github.com/vigilhealth/vigil/internal/catalog"
 	"github.com/vigilhealth/vigil/internal/httpserver"
 	"github.com/vigilhealth/vigil/internal/status"
 	chsink "github.com/vigilhealth/vigil/sinks/clickhouse"
@@ -157,7 +158,7 @@ func (p *platform) addMapping() error {
 	}
 	var opts []mapping.Option
 	if p.cfg.Ingest.Catalog != "" {
-		cat, err := httpjson.LoadCatalog(p.cfg.Ingest.Catalog)
+		cat, err := catalog.Load(p.cfg.Ingest.Catalog)
 		if err != nil {
 			return err
 		}

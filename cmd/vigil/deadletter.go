@@ -13,9 +13,9 @@ import (
 
 	"github.com/vigilhealth/vigil/ingest/binding"
 	"github.com/vigilhealth/vigil/ingest/deadletter"
-	"github.com/vigilhealth/vigil/ingest/httpjson"
 	"github.com/vigilhealth/vigil/ingest/publish"
 	"github.com/vigilhealth/vigil/ingest/validate"
+	"github.com/vigilhealth/vigil/internal/catalog"
 	"github.com/vigilhealth/vigil/internal/clock"
 	"github.com/vigilhealth/vigil/internal/stage"
 )
@@ -154,7 +154,7 @@ func cmdDeadletter(ctx context.Context, env *cliEnv, f *deadletterFlags) error {
 
 func redrive(ctx context.Context, env *cliEnv, f *deadletterFlags, rd *deadletter.Reader, filter deadletter.Filter) (err error) {
 	deps := stage.Deps{Log: env.log, Metrics: prometheus.NewRegistry(), Clock: clock.System{}}
-	cat, err := httpjson.LoadCatalog(env.cfg.Ingest.Catalog)
+	cat, err := catalog.Load(env.cfg.Ingest.Catalog)
 	if err != nil {
 		return err
 	}

@@ -12,7 +12,6 @@ import (
 	"log/slog"
 	"mime"
 	"net/http"
-	"os"
 	"strconv"
 	"strings"
 	"sync"
@@ -100,7 +99,7 @@ func newHandler(cfg config.Config, deps stage.Deps, pub Publisher) (*Handler, er
 	if pub == nil {
 		return nil, errors.New("creating http ingest: no publisher")
 	}
-	cat, err := LoadCatalog(cfg.Ingest.Catalog)
+	cat, err := catalog.Load(cfg.Ingest.Catalog)
 	if err != nil {
 		return nil, err
 	}
@@ -137,23 +136,6 @@ func newHandler(cfg config.Config, deps stage.Deps, pub Publisher) (*Handler, er
 		Buckets: prometheus.ExponentialBuckets(0.0005, 2.5, 12),
 	})
 	return h, nil
-}
-
-// LoadCatalog returns the metric catalogue of ingest.catalog: the embedded
-// one when path is empty, else the file at path.
-func LoadCatalog(path string) (*catalog.Catalog, error) {
-	if path == "" {
-		return catalog.Default(), nil
-	}
-	doc, err := os.ReadFile(path)
-	if err != nil {
-		return nil, fmt.Errorf("reading metric catalogue: %w", err)
-	}
-	cat, err := catalog.Parse(doc)
-	if err != nil {
-		return nil, fmt.Errorf("metric catalogue %s: %w", path, err)
-	}
-	return cat, nil
 }
 
 // ServeHTTP answers one request; see the package documentation.

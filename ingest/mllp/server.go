@@ -8,7 +8,6 @@ import (
 	"io"
 	"log/slog"
 	"net"
-	"os"
 	"sync"
 	"time"
 
@@ -54,7 +53,7 @@ func New(cfg config.Config, deps stage.Deps, opts Options) (*Server, error) {
 	if opts.Publisher == nil {
 		return nil, errors.New("creating mllp listener: no publisher")
 	}
-	cat, err := loadCatalog(cfg.Ingest.Catalog)
+	cat, err := catalog.Load(cfg.Ingest.Catalog)
 	if err != nil {
 		return nil, err
 	}
@@ -99,21 +98,6 @@ func New(cfg config.Config, deps stage.Deps, opts Options) (*Server, error) {
 	}
 	s.ln = ln
 	return s, nil
-}
-
-func loadCatalog(path string) (*catalog.Catalog, error) {
-	if path == "" {
-		return catalog.Default(), nil
-	}
-	doc, err := os.ReadFile(path)
-	if err != nil {
-		return nil, fmt.Errorf("reading metric catalogue: %w", err)
-	}
-	cat, err := catalog.Parse(doc)
-	if err != nil {
-		return nil, fmt.Errorf("metric catalogue %s: %w", path, err)
-	}
-	return cat, nil
 }
 
 // Addr is the bound address.

@@ -60,6 +60,7 @@ import (
 	"github.com/vigilhealth/vigil/ingest/publish"
 	"github.com/vigilhealth/vigil/ingest/validate"
 	"github.com/vigilhealth/vigil/ingest/waveform"
+	"github.com/vigilhealth/vigil/internal/catalog"
 	"github.com/vigilhealth/vigil/internal/clock"
 	"github.com/vigilhealth/vigil/internal/config"
 	"github.com/vigilhealth/vigil/internal/stage"
@@ -218,7 +219,7 @@ func New(cfg config.Config, deps stage.Deps, opts Options, pub Publisher) (*Repl
 	if err := opts.defaults(); err != nil {
 		return nil, fmt.Errorf("creating replayer: %w", err)
 	}
-	cat, err := httpjson.LoadCatalog(cfg.Ingest.Catalog)
+	cat, err := catalog.Load(cfg.Ingest.Catalog)
 	if err != nil {
 		return nil, fmt.Errorf("creating replayer: %w", err)
 	}

@@ -11,6 +11,7 @@ import (
 	_ "embed"
 	"fmt"
 	"math"
+	"os"
 	"sort"
 
 	"gopkg.in/yaml.v3"
@@ -58,6 +59,23 @@ func Default() *Catalog {
 		panic(fmt.Sprintf("embedded metric catalogue is invalid: %v", err))
 	}
 	return c
+}
+
+// Load returns the catalogue in the file at path (ingest.catalog), or the
+// embedded one when path is empty.
+func Load(path string) (*Catalog, error) {
+	if path == "" {
+		return Default(), nil
+	}
+	doc, err := os.ReadFile(path)
+	if err != nil {
+		return nil, fmt.Errorf("reading metric catalogue: %w", err)
+	}
+	cat, err := Parse(doc)
+	if err != nil {
+		return nil, fmt.Errorf("metric catalogue %s: %w", path, err)
+	}
+	return cat, nil
 }
 
 // Parse decodes and validates a catalogue document (strict: unknown keys fail).
