@@ -149,16 +149,16 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 func (h *Handler) serve(w http.ResponseWriter, r *http.Request) int {
 	if r.Method != http.MethodPost {
 		w.Header().Set("Allow", http.MethodPost)
-		return writeProblem(w, &Problem{Type: problemType("method-not-allowed"), Title: "Method not allowed",
+		return WriteProblem(w, &Problem{Type: problemType("method-not-allowed"), Title: "Method not allowed",
 			Status: http.StatusMethodNotAllowed, Detail: fmt.Sprintf("%s %s: use POST", r.Method, r.URL.Path)})
 	}
 	if mt, _, err := mime.ParseMediaType(r.Header.Get("Content-Type")); err != nil || mt != "application/json" {
-		return writeProblem(w, &Problem{Type: problemType("unsupported-media-type"), Title: "Unsupported media type",
+		return WriteProblem(w, &Problem{Type: problemType("unsupported-media-type"), Title: "Unsupported media type",
 			Status: http.StatusUnsupportedMediaType,
 			Detail: fmt.Sprintf("Content-Type %q: send application/json", r.Header.Get("Content-Type"))})
 	}
 	if ce := r.Header.Get("Content-Encoding"); ce != "" && !strings.EqualFold(ce, "identity") {
-		return writeProblem(w, &Problem{Type: problemType("unsupported-media-type"), Title: "Unsupported content encoding",
+		return WriteProblem(w, &Problem{Type: problemType("unsupported-media-type"), Title: "Unsupported content encoding",
 			Status: http.StatusUnsupportedMediaType, Detail: fmt.Sprintf("Content-Encoding %q is not supported: send the body uncompressed", ce)})
 	}
 	now := h.clock.Now().UnixMilli()
@@ -182,7 +182,7 @@ func (h *Handler) serve(w http.ResponseWriter, r *http.Request) int {
 		if o.RetryAfter > 0 {
 			w.Header().Set("Retry-After", strconv.FormatInt(int64(o.RetryAfter/time.Second), 10))
 		}
-		return writeProblem(w, o.Problem)
+		return WriteProblem(w, o.Problem)
 	}
 	w.Header().Set("Content-Type", "application/json")
 	w.WriteHeader(http.StatusOK)
@@ -432,16 +432,19 @@ func title(r validate.Reason) string {
 func (h *Handler) publishFailed(w http.ResponseWriter, err error, msgID string) int {
 	if publish.IsRetriable(err) {
 		w.Header().Set("Retry-After", "1")
-		return writeProblem(w, &Problem{Type: problemType("unavailable"), Title: "Kafka unavailable",
+		return WriteProblem(w, &Problem{Type: problemType("unavailable"), Title: "Kafka unavailable",
 			Status: http.StatusServiceUnavailable, MessageID: msgID,
 			Detail: "the samples could not be written to Kafka in time; nothing was accepted: retry the whole request (" + err.Error() + ")"})
 	}
-	return writeProblem(w, &Problem{Type: problemType("publish-failed"), Title: "Publishing failed",
+	return WriteProblem(w, &Problem{Type: problemType("publish-failed"), Title: "Publishing failed",
 		Status: http.StatusInternalServerError, MessageID: msgID,
 		Detail: "Kafka refused the samples; nothing was accepted (" + err.Error() + ")"})
 }
 
-func writeProblem(w http.ResponseWriter, p *Problem) int {
+// WriteProblem writes p as an application/problem+json answer with its
+// status (500 if p cannot be encoded) and returns the status written. The
+// other HTTP ingest endpoints (waveforms) answer with it too.
+func WriteProblem(w http.ResponseWriter, p *Problem) int {
 	body, err := json.Marshal(p)
 	if err != nil {
 		body = []byte(`{"type":"about:blank","title":"Internal error","status":500}`)

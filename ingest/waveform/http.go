@@ -89,11 +89,11 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 func (h *Handler) serve(w http.ResponseWriter, r *http.Request) int {
 	if r.Method != http.MethodPost {
 		w.Header().Set("Allow", http.MethodPost)
-		return writeProblem(w, &httpjson.Problem{Type: httpjson.ProblemTypeBase + "method-not-allowed",
+		return httpjson.WriteProblem(w, &httpjson.Problem{Type: httpjson.ProblemTypeBase + "method-not-allowed",
 			Title: "Method not allowed", Status: http.StatusMethodNotAllowed, Detail: r.Method + " " + r.URL.Path + ": use POST"})
 	}
 	if mt, _, err := mime.ParseMediaType(r.Header.Get("Content-Type")); err != nil || mt != "application/json" {
-		return writeProblem(w, &httpjson.Problem{Type: httpjson.ProblemTypeBase + "unsupported-media-type",
+		return httpjson.WriteProblem(w, &httpjson.Problem{Type: httpjson.ProblemTypeBase + "unsupported-media-type",
 			Title: "Unsupported media type", Status: http.StatusUnsupportedMediaType,
 			Detail: fmt.Sprintf("Content-Type %q: send application/json", r.Header.Get("Content-Type"))})
 	}
@@ -161,30 +161,18 @@ func (h *Handler) refuse(r *http.Request, w http.ResponseWriter, raw []byte, req
 		off := e.Offset
 		p.Offset = &off
 	}
-	return writeProblem(w, p)
+	return httpjson.WriteProblem(w, p)
 }
 
 func (h *Handler) publishFailed(w http.ResponseWriter, err error, msgID string) int {
 	if publish.IsRetriable(err) {
 		w.Header().Set("Retry-After", "1")
-		return writeProblem(w, &httpjson.Problem{Type: httpjson.ProblemTypeBase + "unavailable", Title: "Kafka unavailable",
+		return httpjson.WriteProblem(w, &httpjson.Problem{Type: httpjson.ProblemTypeBase + "unavailable", Title: "Kafka unavailable",
 			Status: http.StatusServiceUnavailable, MessageID: msgID,
 			Detail: "the RR intervals could not be written to Kafka in time; nothing was accepted: retry the same chunk (" + err.Error() + ")"})
 	}
-	return writeProblem(w, &httpjson.Problem{Type: httpjson.ProblemTypeBase + "publish-failed", Title: "Publishing failed",
+	return httpjson.WriteProblem(w, &httpjson.Problem{Type: httpjson.ProblemTypeBase + "publish-failed", Title: "Publishing failed",
 		Status: http.StatusInternalServerError, MessageID: msgID, Detail: "Kafka refused the RR intervals (" + err.Error() + ")"})
-}
-
-func writeProblem(w http.ResponseWriter, p *httpjson.Problem) int {
-	body, err := json.Marshal(p)
-	if err != nil {
-		body = []byte(`{"type":"about:blank","title":"Internal error","status":500}`)
-		p.Status = http.StatusInternalServerError
-	}
-	w.Header().Set("Content-Type", "application/problem+json")
-	w.WriteHeader(p.Status)
-	_, _ = w.Write(append(body, '\n'))
-	return p.Status
 }
 
 func statusOf(r validate.Reason) int {
