@@ -94,6 +94,21 @@ func TestDecodeBatchMatchesProto(t *testing.T) {
 	if err := d.decode(v, &got); err == nil {
 		t.Error("invalid UTF-8 accepted")
 	}
+	// The caller's patient guess changes nothing: right (taken as is),
+	// wrong (the field's own value), or a prefix of the invalid bytes.
+	for _, guess := range []string{small.Patient, "q", full.Patient, "\xff"} {
+		d.patient = guess
+		for _, want := range []*vigilv1.SampleBatch{small, full} {
+			v, _ := proto.Marshal(want)
+			if err := d.decode(v, &got); err != nil || !proto.Equal(&got, want) {
+				t.Fatalf("with guess %q: decoded\n%v (%v)\nwant\n%v", guess, &got, err, want)
+			}
+		}
+		if err := d.decode(v, &got); err == nil {
+			t.Errorf("with guess %q: invalid UTF-8 accepted", guess)
+		}
+	}
+	d.patient = ""
 }
 
 // FuzzDecodeBatch: on any input, the hand-written decoder fails exactly

@@ -98,8 +98,11 @@ type patient struct {
 	closed          []value // newest values among closed score windows
 	alerts          alerting.State
 	lastScore       *vigilv1.Score
-	boundaryScores  []int64
-	lastSeenMs      int64
+	// digest is the ruleset's Digest of lastScore (kept with it), which
+	// the per-batch unchanged check reads instead of lastScore.
+	digest         news2.Digest
+	boundaryScores []int64
+	lastSeenMs     int64
 	// latestFn and closedFn look metrics up in latest and closed: made
 	// once per patient, so that scoring does not allocate a closure.
 	latestFn, closedFn func(string) (news2.Observation, bool)
@@ -110,6 +113,16 @@ func (e *engine) newPatient(key, tenant, id string) *patient {
 	p.latestFn = func(m string) (news2.Observation, bool) { return find(p.latest, m) }
 	p.closedFn = func(m string) (news2.Observation, bool) { return find(p.closed, m) }
 	return p
+}
+
+// warm reads the parts of p's state that applying a batch uses (see
+// window.Patient.Warm) and returns a value of no meaning.
+func (p *patient) warm() uint64 {
+	x := p.win.Warm()
+	if len(p.latest) > 0 {
+		x += uint64(p.latest[len(p.latest)-1].timeMs)
+	}
+	return x
 }
 
 // empty reports whether the patient holds no state worth keeping.
@@ -331,11 +344,11 @@ func (e *engine) apply(p *patient, b *vigilv1.SampleBatch, nowMs int64, out *out
 	maxEvent := p.win.MaxEventTime()
 	// Most batches leave the score as it was: Unchanged tells without
 	// building it (or its id).
-	if e.ruleset.Unchanged(p.lastScore, e.request(p, maxEvent, p.latestFn)) {
+	if e.ruleset.UnchangedDigest(&p.digest, e.request(p, maxEvent, p.latestFn)) {
 		return true
 	}
 	if s := e.score(p, maxEvent, p.latestFn, nowMs); s != nil && news2.Changed(p.lastScore, s) {
-		p.lastScore = s
+		p.lastScore, p.digest = s, e.ruleset.Digest(s)
 		if maxEvent%e.scoreMs == 0 {
 			p.boundaryScores = append(p.boundaryScores, maxEvent)
 		}
@@ -605,6 +618,7 @@ func (e *engine) fromProto(key string, ps *vigilv1.PatientState) (*patient, erro
 	p.closed = valuesFromProto(ps.GetClosedLatest())
 	p.alerts = alerting.FromProto(ps)
 	p.lastScore = ps.GetLastScores()[news2.Kind]
+	p.digest = e.ruleset.Digest(p.lastScore)
 	p.boundaryScores = slices.Clone(ps.GetBoundaryScoreTimesMs())
 	p.lastSeenMs = ps.GetLastSeenMs()
 	return p, nil

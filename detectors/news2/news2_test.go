@@ -13,6 +13,7 @@ import (
 	"time"
 
 	vigilv1 "github.com/vigilhealth/vigil/proto/vigil/v1"
+	"google.golang.org/protobuf/proto"
 )
 
 const at = int64(1_800_000_000_000)
@@ -540,6 +541,9 @@ func TestUnchangedAgreesWithChanged(t *testing.T) {
 		if got := r.Unchanged(prev, req); got != want {
 			t.Fatalf("Unchanged = %v, want %v\nprev %v\nnext %v", got, want, prev, s)
 		}
+		if d := r.Digest(prev); r.UnchangedDigest(&d, req) != want {
+			t.Fatalf("UnchangedDigest = %v, want %v\nprev %v\nnext %v", !want, want, prev, s)
+		}
 		if want {
 			unchanged++
 		} else {
@@ -553,5 +557,22 @@ func TestUnchangedAgreesWithChanged(t *testing.T) {
 	req := vitals(map[string]float64{"heart_rate": 81, "spo2": 98})
 	if n := testing.AllocsPerRun(100, func() { r.Unchanged(prev, req) }); n != 0 && !raceEnabled {
 		t.Errorf("Unchanged allocates %v times per call", n)
+	}
+	d := r.Digest(prev)
+	if n := testing.AllocsPerRun(100, func() { r.UnchangedDigest(&d, req) }); n != 0 && !raceEnabled {
+		t.Errorf("UnchangedDigest allocates %v times per call", n)
+	}
+	// The zero Digest, and one of another ruleset's score, match nothing.
+	if r.UnchangedDigest(&Digest{}, vitals(map[string]float64{"heart_rate": 80, "spo2": 97})) {
+		t.Error("the zero Digest matches a request")
+	}
+	same := vitals(map[string]float64{"heart_rate": 80, "spo2": 97})
+	if d := r.Digest(prev); !r.UnchangedDigest(&d, same) {
+		t.Error("the Digest of a score does not match its own request")
+	}
+	other := proto.Clone(prev).(*vigilv1.Score)
+	other.RulesetHash = "other"
+	if d := r.Digest(other); r.UnchangedDigest(&d, same) {
+		t.Error("the Digest of another ruleset's score matches a request")
 	}
 }

@@ -128,6 +128,64 @@ func (r *Ruleset) Unchanged(prev *vigilv1.Score, req Request) bool {
 	if prev == nil || prev.GetRulesetHash() != r.Hash || len(prev.GetComponents()) != len(r.Parameters) {
 		return false
 	}
+	cs := prev.GetComponents()
+	return r.unchanged(req, prev.GetValue(), prev.GetBand(), func(i int, p *Parameter, points float64, missing, stale bool) bool {
+		c := cs[i]
+		return c.GetParameter() == p.Name && c.GetPoints() == points && c.GetMissing() == missing && c.GetStale() == stale
+	})
+}
+
+// Digest is a compact copy of what Unchanged compares of a score (its
+// total, band and each component's points and flags) in one small
+// allocation, so that a caller keeping a score per patient can ask
+// UnchangedDigest without reaching into the score's many messages. The
+// zero value matches no request. A Digest is immutable once made: safe
+// for concurrent reads.
+type Digest struct {
+	r     *Ruleset
+	value float64
+	band  string
+	comps []digestComp
+}
+
+type digestComp struct {
+	points         float64
+	missing, stale bool
+}
+
+// Digest returns the digest of s, a score of r (the zero Digest when s is
+// nil or not a score of r's parameters).
+func (r *Ruleset) Digest(s *vigilv1.Score) Digest {
+	if s == nil || s.GetRulesetHash() != r.Hash || len(s.GetComponents()) != len(r.Parameters) {
+		return Digest{}
+	}
+	d := Digest{r: r, value: s.GetValue(), band: s.GetBand(), comps: make([]digestComp, len(r.Parameters))}
+	for i, c := range s.GetComponents() {
+		if c.GetParameter() != r.Parameters[i].Name {
+			return Digest{}
+		}
+		d.comps[i] = digestComp{points: c.GetPoints(), missing: c.GetMissing(), stale: c.GetStale()}
+	}
+	return d
+}
+
+// UnchangedDigest is Unchanged(prev, req) for d = r.Digest(prev): the same
+// answer, without reading prev.
+func (r *Ruleset) UnchangedDigest(d *Digest, req Request) bool {
+	if d.r != r {
+		return false
+	}
+	cs := d.comps
+	return r.unchanged(req, d.value, d.band, func(i int, _ *Parameter, points float64, missing, stale bool) bool {
+		c := &cs[i]
+		return c.points == points && c.missing == missing && c.stale == stale
+	})
+}
+
+// unchanged resolves and bands req's inputs as Score does and reports
+// whether every component matches (same(i, parameter, points, missing,
+// stale)) and the total and band are value and band.
+func (r *Ruleset) unchanged(req Request, value float64, band string, same func(i int, p *Parameter, points float64, missing, stale bool) bool) bool {
 	var buf [16]input
 	ins := buf[:0]
 	if len(r.Parameters) > len(buf) {
@@ -146,7 +204,6 @@ func (r *Ruleset) Unchanged(prev *vigilv1.Score, req Request) bool {
 	for i := range r.Parameters {
 		p := &r.Parameters[i]
 		in := ins[i]
-		c := prev.GetComponents()[i]
 		var points float64
 		missing, stale := false, false
 		switch {
@@ -164,11 +221,11 @@ func (r *Ruleset) Unchanged(prev *vigilv1.Score, req Request) bool {
 			total += b.Points
 			maxPoints = max(maxPoints, b.Points)
 		}
-		if c.GetParameter() != p.Name || c.GetPoints() != points || c.GetMissing() != missing || c.GetStale() != stale {
+		if !same(i, p, points, missing, stale) {
 			return false
 		}
 	}
-	return prev.GetValue() == total && prev.GetBand() == r.response(total, maxPoints)
+	return value == total && band == r.response(total, maxPoints)
 }
 
 // resolve finds a parameter's input.
