@@ -138,19 +138,7 @@ func TestMQTTExactlyOnceAcrossRestart(t *testing.T) {
 	if got != want {
 		t.Fatalf("samples FINAL holds %d of the %d published samples", got, want)
 	}
-	rows, err := conn.Query(context.Background(), "SELECT sequence, count() FROM samples FINAL WHERE tenant = 'e2e' AND patient = 'mqtt-e2e-p1' GROUP BY sequence")
-	if err != nil {
-		t.Fatal(err)
-	}
-	seen := map[uint64]uint64{}
-	for rows.Next() {
-		var seq, n uint64
-		if err := rows.Scan(&seq, &n); err != nil {
-			t.Fatal(err)
-		}
-		seen[seq] = n
-	}
-	rows.Close()
+	seen := countsBy[uint64](t, conn, "SELECT sequence, count() FROM samples FINAL WHERE tenant = 'e2e' AND patient = 'mqtt-e2e-p1' GROUP BY sequence")
 	for s := uint64(1); s <= want; s++ {
 		if seen[s] != 1 {
 			t.Errorf("sample seq %d is in ClickHouse %d times, want once", s, seen[s])

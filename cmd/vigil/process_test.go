@@ -16,6 +16,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/ClickHouse/clickhouse-go/v2/lib/driver"
 	"google.golang.org/protobuf/proto"
 
 	"github.com/vigilhealth/vigil/internal/config"
@@ -238,19 +239,7 @@ func TestRunSimulateStopRestart(t *testing.T) {
 	}
 	// Wait for the sink to catch up with every accepted probe sample.
 	waitCount(t, conn, "SELECT count() FROM samples WHERE patient = 'restart-probe'", uint64(len(accepted)), 60*time.Second)
-	rows, err := conn.Query(context.Background(), "SELECT sequence, count() FROM samples WHERE patient = 'restart-probe' GROUP BY sequence")
-	if err != nil {
-		t.Fatal(err)
-	}
-	inCH := map[uint64]uint64{}
-	for rows.Next() {
-		var seq, n uint64
-		if err := rows.Scan(&seq, &n); err != nil {
-			t.Fatal(err)
-		}
-		inCH[seq] = n
-	}
-	rows.Close()
+	inCH := countsBy[uint64](t, conn, "SELECT sequence, count() FROM samples WHERE patient = 'restart-probe' GROUP BY sequence")
 	for _, s := range accepted {
 		switch inCH[s] {
 		case 1:
@@ -274,20 +263,7 @@ func TestRunSimulateStopRestart(t *testing.T) {
 	// process (simulator.gateways.auto): beds over HL7 v2/MLLP, wearables
 	// over the embedded MQTT broker, spot checks over FHIR, the probe over
 	// HTTP.
-	bySource := map[string]uint64{}
-	srows, err := conn.Query(context.Background(), "SELECT source, count() FROM samples GROUP BY source")
-	if err != nil {
-		t.Fatal(err)
-	}
-	for srows.Next() {
-		var src string
-		var n uint64
-		if err := srows.Scan(&src, &n); err != nil {
-			t.Fatal(err)
-		}
-		bySource[src] = n
-	}
-	srows.Close()
+	bySource := countsBy[string](t, conn, "SELECT source, count() FROM samples GROUP BY source")
 	t.Logf("samples by source: %v", bySource)
 	for _, src := range []string{"mllp", "mqtt", "fhir", "http"} {
 		if bySource[src] == 0 {
@@ -298,6 +274,30 @@ func TestRunSimulateStopRestart(t *testing.T) {
 		t.Errorf("the banner does not say the beds go over MLLP:\n%s", p.out.String())
 	}
 	p2.stop(t, 20*time.Second)
+}
+
+// countsBy runs q, a "SELECT key, count() ... GROUP BY key" query, and
+// returns the counts by key.
+func countsBy[K comparable](t *testing.T, conn driver.Conn, q string) map[K]uint64 {
+	t.Helper()
+	rows, err := conn.Query(context.Background(), q)
+	if err != nil {
+		t.Fatalf("%s: %v", q, err)
+	}
+	defer rows.Close()
+	counts := map[K]uint64{}
+	for rows.Next() {
+		var k K
+		var n uint64
+		if err := rows.Scan(&k, &n); err != nil {
+			t.Fatalf("%s: %v", q, err)
+		}
+		counts[k] = n
+	}
+	if err := rows.Err(); err != nil {
+		t.Fatalf("%s: %v", q, err)
+	}
+	return counts
 }
 
 // kafkaSampleDuplicates reads the samples topic (read-committed) and tells
