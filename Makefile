@@ -10,13 +10,18 @@ STATICCHECK_VERSION := v0.8.2
 # Packages whose tests exercise concurrency; run under -race in `make test`.
 RACE_PKGS := ./internal/... ./ingest/... ./stream/... ./sinks/... ./features/... ./detectors/... ./simulator/... ./cmd/...
 
-.PHONY: all deps tools generate build run test test-unit test-race bench fuzz lint vet fmt clean
+.PHONY: all deps onnxruntime tools generate build run test test-unit test-race bench fuzz lint vet fmt clean
 
 all: build
 
-## deps: Debian packages Vigil runs against (clickhouse-server, clickhouse-client, kcat).
-deps:
+## deps: Debian packages Vigil runs against (clickhouse-server, clickhouse-client, kcat) and the ONNX Runtime
+## library from npm (onnxruntime-node, pinned) into .cache/onnxruntime.
+deps: onnxruntime
 	@infra/scripts/install-deps.sh runtime
+
+## onnxruntime: libonnxruntime.so.1 from npm onnxruntime-node into .cache/onnxruntime/current (idempotent).
+onnxruntime:
+	@infra/scripts/install-onnxruntime.sh
 
 $(TOOLS)/protoc-gen-go:
 	@GOBIN=$(TOOLS) $(GO) install google.golang.org/protobuf/cmd/protoc-gen-go@$(PROTOC_GEN_GO_VERSION)

@@ -233,13 +233,24 @@ func ReadAll(t testing.TB, brokerAddr, topic string) []*kgo.Record {
 // copied into the repository.
 func Dataset(t testing.TB, name string) string {
 	t.Helper()
+	p := filepath.Join(RepoRoot(t), "..", "shared", "datasets", name)
+	if _, err := os.Stat(p); err != nil {
+		t.Fatalf("data set %s: %v (the shared data sets must sit beside the repository)", name, err)
+	}
+	return p
+}
+
+// RepoRoot returns the repository root (the folder holding go.mod) above the
+// working directory, failing the test when there is none.
+func RepoRoot(t testing.TB) string {
+	t.Helper()
 	dir, err := os.Getwd()
 	if err != nil {
 		t.Fatalf("finding the working directory: %v", err)
 	}
 	for {
 		if _, err := os.Stat(filepath.Join(dir, "go.mod")); err == nil {
-			break
+			return dir
 		}
 		parent := filepath.Dir(dir)
 		if parent == dir {
@@ -247,9 +258,16 @@ func Dataset(t testing.TB, name string) string {
 		}
 		dir = parent
 	}
-	p := filepath.Join(dir, "..", "shared", "datasets", name)
+}
+
+// ONNXRuntime returns the path of the ONNX Runtime shared library that `make
+// deps` fetches from npm (onnxruntime-node) into .cache/onnxruntime/current,
+// failing the test with the command to run when it is missing.
+func ONNXRuntime(t testing.TB) string {
+	t.Helper()
+	p := filepath.Join(RepoRoot(t), ".cache", "onnxruntime", "current", "libonnxruntime.so.1")
 	if _, err := os.Stat(p); err != nil {
-		t.Fatalf("data set %s: %v (the shared data sets must sit beside the repository)", name, err)
+		t.Fatalf("ONNX Runtime library: %v (run `make onnxruntime`, which fetches it from npm onnxruntime-node)", err)
 	}
 	return p
 }
