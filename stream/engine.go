@@ -12,7 +12,7 @@ import (
 	"google.golang.org/protobuf/proto"
 
 	"github.com/vigilhealth/vigil/detectors/alerting"
-	"github.com/vigilhealth/vigil/detectors/news2"
+	"github.com/vigilhealth/vigil/detectors/ews"
 	"github.com/vigilhealth/vigil/features/window"
 	"github.com/vigilhealth/vigil/internal/catalog"
 	"github.com/vigilhealth/vigil/internal/config"
@@ -41,7 +41,7 @@ type engine struct {
 	scoreMs   int64
 	idleMs    int64
 	staleness time.Duration
-	ruleset   *news2.Ruleset
+	ruleset   *ews.Ruleset
 	alerts    *alerting.Evaluator
 	catalog   *catalog.Catalog
 	// mem allocates the Arrow feature batches (the Go allocator; tests
@@ -51,7 +51,7 @@ type engine struct {
 
 // newEngine compiles the window spec (cfg.Stream.Windows.Spec, or the
 // embedded one) against the catalogue.
-func newEngine(cfg config.Config, rs *news2.Ruleset, cat *catalog.Catalog, mem memory.Allocator) (*engine, error) {
+func newEngine(cfg config.Config, rs *ews.Ruleset, cat *catalog.Catalog, mem memory.Allocator) (*engine, error) {
 	spec, err := window.LoadSpec(cfg.Stream.Windows.Spec)
 	if err != nil {
 		return nil, fmt.Errorf("stream.windows.spec: %w", err)
@@ -100,18 +100,18 @@ type patient struct {
 	lastScore       *vigilv1.Score
 	// digest is the ruleset's Digest of lastScore (kept with it), which
 	// the per-batch unchanged check reads instead of lastScore.
-	digest         news2.Digest
+	digest         ews.Digest
 	boundaryScores []int64
 	lastSeenMs     int64
 	// latestFn and closedFn look metrics up in latest and closed: made
 	// once per patient, so that scoring does not allocate a closure.
-	latestFn, closedFn func(string) (news2.Observation, bool)
+	latestFn, closedFn func(string) (ews.Observation, bool)
 }
 
 func (e *engine) newPatient(key, tenant, id string) *patient {
 	p := &patient{key: key, tenant: tenant, id: id, eng: e.win, win: window.NewPatient()}
-	p.latestFn = func(m string) (news2.Observation, bool) { return find(p.latest, m) }
-	p.closedFn = func(m string) (news2.Observation, bool) { return find(p.closed, m) }
+	p.latestFn = func(m string) (ews.Observation, bool) { return find(p.latest, m) }
+	p.closedFn = func(m string) (ews.Observation, bool) { return find(p.closed, m) }
 	return p
 }
 
@@ -145,13 +145,13 @@ func setValue(vs []value, v value) []value {
 }
 
 // find returns the value of metric in vs.
-func find(vs []value, metric string) (news2.Observation, bool) {
+func find(vs []value, metric string) (ews.Observation, bool) {
 	for i := range vs {
 		if vs[i].metric == metric {
-			return news2.Observation{Value: vs[i].value, Unit: vs[i].unit, TimeMs: vs[i].timeMs}, true
+			return ews.Observation{Value: vs[i].value, Unit: vs[i].unit, TimeMs: vs[i].timeMs}, true
 		}
 	}
-	return news2.Observation{}, false
+	return ews.Observation{}, false
 }
 
 // outKind names an output topic.
@@ -347,7 +347,7 @@ func (e *engine) apply(p *patient, b *vigilv1.SampleBatch, nowMs int64, out *out
 	if e.ruleset.UnchangedDigest(&p.digest, e.request(p, maxEvent, p.latestFn)) {
 		return true
 	}
-	if s := e.score(p, maxEvent, p.latestFn, nowMs); s != nil && news2.Changed(p.lastScore, s) {
+	if s := e.score(p, maxEvent, p.latestFn, nowMs); s != nil && ews.Changed(p.lastScore, s) {
 		p.lastScore, p.digest = s, e.ruleset.Digest(s)
 		if maxEvent%e.scoreMs == 0 {
 			p.boundaryScores = append(p.boundaryScores, maxEvent)
@@ -516,11 +516,11 @@ func (e *engine) finish(out *outputs) {
 	out.wins, out.seen, out.done = out.wins[:0], 0, len(final)
 }
 
-func (e *engine) request(p *patient, atMs int64, latest func(string) (news2.Observation, bool)) news2.Request {
-	return news2.Request{Tenant: p.tenant, Patient: p.id, AtMs: atMs, Staleness: e.staleness, Latest: latest}
+func (e *engine) request(p *patient, atMs int64, latest func(string) (ews.Observation, bool)) ews.Request {
+	return ews.Request{Tenant: p.tenant, Patient: p.id, AtMs: atMs, Staleness: e.staleness, Latest: latest}
 }
 
-func (e *engine) score(p *patient, atMs int64, latest func(string) (news2.Observation, bool), nowMs int64) *vigilv1.Score {
+func (e *engine) score(p *patient, atMs int64, latest func(string) (ews.Observation, bool), nowMs int64) *vigilv1.Score {
 	s := e.ruleset.Score(e.request(p, atMs, latest))
 	if s != nil {
 		s.EmittedTimeMs = nowMs
@@ -592,7 +592,7 @@ func (p *patient) toProto() *vigilv1.PatientState {
 	p.eng.ToProto(p.win, ps)
 	p.alerts.ToProto(ps)
 	if p.lastScore != nil {
-		ps.LastScores = map[string]*vigilv1.Score{news2.Kind: p.lastScore}
+		ps.LastScores = map[string]*vigilv1.Score{ews.KindNEWS2: p.lastScore}
 	}
 	return ps
 }
@@ -617,7 +617,7 @@ func (e *engine) fromProto(key string, ps *vigilv1.PatientState) (*patient, erro
 	p.latest = valuesFromProto(ps.GetLatest())
 	p.closed = valuesFromProto(ps.GetClosedLatest())
 	p.alerts = alerting.FromProto(ps)
-	p.lastScore = ps.GetLastScores()[news2.Kind]
+	p.lastScore = ps.GetLastScores()[ews.KindNEWS2]
 	p.digest = e.ruleset.Digest(p.lastScore)
 	p.boundaryScores = slices.Clone(ps.GetBoundaryScoreTimesMs())
 	p.lastSeenMs = ps.GetLastSeenMs()

@@ -7,7 +7,7 @@ import (
 	"github.com/apache/arrow/go/v17/arrow/memory"
 	"google.golang.org/protobuf/proto"
 
-	"github.com/vigilhealth/vigil/detectors/news2"
+	"github.com/vigilhealth/vigil/detectors/ews"
 	"github.com/vigilhealth/vigil/internal/catalog"
 	"github.com/vigilhealth/vigil/internal/config"
 	vigilv1 "github.com/vigilhealth/vigil/proto/vigil/v1"
@@ -20,7 +20,7 @@ func testEngine(t testing.TB) *engine {
 	t.Helper()
 	mem := memory.NewCheckedAllocator(memory.NewGoAllocator())
 	t.Cleanup(func() { mem.AssertSize(t, 0) })
-	e, err := newEngine(config.Default(), news2.Default(), catalog.Default(), mem)
+	e, err := newEngine(config.Default(), ews.Default(), catalog.Default(), mem)
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -1,7 +1,7 @@
 // Package stream is Vigil's stream stage: it consumes sample batches
 // (vigil.samples.v1, keyed tenant/patient) in a consumer group and, per
 // patient, aggregates 1-minute event-time windows (features/window), scores
-// NEWS2 (detectors/news2) and runs the alert rules (detectors/alerting),
+// NEWS2 (detectors/ews) and runs the alert rules (detectors/alerting),
 // writing features, scores, alerts and too-late dead letters with
 // exactly-once semantics.
 //
@@ -66,7 +66,7 @@ import (
 	"github.com/twmb/franz-go/plugin/kslog"
 	"google.golang.org/protobuf/proto"
 
-	"github.com/vigilhealth/vigil/detectors/news2"
+	"github.com/vigilhealth/vigil/detectors/ews"
 	"github.com/vigilhealth/vigil/features/window"
 	"github.com/vigilhealth/vigil/internal/bus"
 	"github.com/vigilhealth/vigil/internal/catalog"
@@ -123,7 +123,7 @@ func New(cfg config.Config, deps stage.Deps) (*Processor, error) {
 	if err := cfg.Validate(); err != nil {
 		return nil, fmt.Errorf("stream config: %w", err)
 	}
-	rs, err := news2.Load(cfg.Stream.Ruleset)
+	rs, err := ews.Load(cfg.Stream.Ruleset)
 	if err != nil {
 		return nil, fmt.Errorf("loading ruleset: %w", err)
 	}

@@ -23,7 +23,7 @@ import (
 	"strconv"
 	"strings"
 
-	"github.com/vigilhealth/vigil/detectors/news2"
+	"github.com/vigilhealth/vigil/detectors/ews"
 	vigilv1 "github.com/vigilhealth/vigil/proto/vigil/v1"
 )
 
@@ -63,7 +63,7 @@ type Rule struct {
 func NEWS2Rules() []Rule {
 	return []Rule{
 		{
-			Name: RuleNEWS2Aggregate, Kind: news2.Kind,
+			Name: RuleNEWS2Aggregate, Kind: ews.KindNEWS2,
 			Holds: func(s *vigilv1.Score) bool { return s.GetValue() >= 5 },
 			Check: func(s *vigilv1.Score) (bool, string, string) {
 				v := s.GetValue()
@@ -78,7 +78,7 @@ func NEWS2Rules() []Rule {
 			},
 		},
 		{
-			Name: RuleNEWS2SingleRed, Kind: news2.Kind,
+			Name: RuleNEWS2SingleRed, Kind: ews.KindNEWS2,
 			Holds: func(s *vigilv1.Score) bool { return s.GetSingleParameterRed() && s.GetValue() < 5 },
 			Check: func(s *vigilv1.Score) (bool, string, string) {
 				v := s.GetValue()
@@ -212,7 +212,7 @@ func (e *Evaluator) Evaluate(st *State, s *vigilv1.Score, tr Trigger) []*vigilv1
 		switch {
 		case holds && i < 0:
 			o := Open{
-				AlertID:           news2.HashID("alert", s.GetTenant(), s.GetPatient(), r.Name, strconv.FormatInt(at, 10)),
+				AlertID:           ews.HashID("alert", s.GetTenant(), s.GetPatient(), r.Name, strconv.FormatInt(at, 10)),
 				Rule:              r.Name,
 				Severity:          severity,
 				RaisedEventTimeMs: at,
@@ -233,7 +233,7 @@ func event(o Open, typ vigilv1.AlertEventType, reason string, s *vigilv1.Score, 
 	at := s.GetEventTimeMs()
 	return &vigilv1.AlertEvent{
 		SchemaVersion:       1,
-		EventId:             news2.HashID("alert-event", o.AlertID, typ.String(), strconv.FormatInt(at, 10)),
+		EventId:             ews.HashID("alert-event", o.AlertID, typ.String(), strconv.FormatInt(at, 10)),
 		AlertId:             o.AlertID,
 		Tenant:              s.GetTenant(),
 		Patient:             s.GetPatient(),

@@ -5,21 +5,21 @@ import (
 	"testing"
 	"time"
 
-	"github.com/vigilhealth/vigil/detectors/news2"
+	"github.com/vigilhealth/vigil/detectors/ews"
 	vigilv1 "github.com/vigilhealth/vigil/proto/vigil/v1"
 )
 
 const t0 = int64(1_800_000_000_000)
 
-var ruleset = news2.Default()
+var ruleset = ews.Default()
 
 // score computes a real NEWS2 score for the vitals at event time at.
 func score(at int64, v map[string]float64) *vigilv1.Score {
-	return ruleset.Score(news2.Request{
+	return ruleset.Score(ews.Request{
 		Tenant: "st-mary", Patient: "p-1", AtMs: at, Staleness: time.Hour,
-		Latest: func(m string) (news2.Observation, bool) {
+		Latest: func(m string) (ews.Observation, bool) {
 			x, ok := v[m]
-			return news2.Observation{Value: x, TimeMs: at}, ok
+			return ews.Observation{Value: x, TimeMs: at}, ok
 		},
 	})
 }
@@ -132,7 +132,7 @@ func TestDeterministicIDs(t *testing.T) {
 	if a[0].EventId == a[1].EventId {
 		t.Error("raise and resolve share an event id")
 	}
-	want := news2.HashID("alert", "st-mary", "p-1", RuleNEWS2Aggregate, strconv.FormatInt(t0, 10))
+	want := ews.HashID("alert", "st-mary", "p-1", RuleNEWS2Aggregate, strconv.FormatInt(t0, 10))
 	if a[0].AlertId != want {
 		t.Errorf("alert id %s, want hash of tenant, patient, rule, raise time %s", a[0].AlertId, want)
 	}

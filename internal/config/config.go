@@ -46,6 +46,10 @@ type Config struct {
 	Waveform   Waveform   `yaml:"waveform"`
 	MQTT       MQTT       `yaml:"mqtt"`
 	Runtime    Runtime    `yaml:"runtime"`
+	// Detectors configures scores, baselines and models.
+	Detectors Detectors `yaml:"detectors"`
+	// Alerts configures the alert lifecycle, API and routes.
+	Alerts Alerts `yaml:"alerts"`
 }
 
 // Log configures structured logging.
@@ -367,12 +371,14 @@ func Default() Config {
 			MaxLag:         10 * time.Minute,
 			Gateways:       defaultSimGateways(),
 		},
-		Status:   Status{Interval: 5 * time.Second},
-		FHIR:     defaultFHIR(),
-		MLLP:     defaultMLLP(),
-		Waveform: defaultWaveform(),
-		MQTT:     defaultMQTT(),
-		Runtime:  defaultRuntime(),
+		Status:    Status{Interval: 5 * time.Second},
+		FHIR:      defaultFHIR(),
+		MLLP:      defaultMLLP(),
+		Waveform:  defaultWaveform(),
+		MQTT:      defaultMQTT(),
+		Runtime:   defaultRuntime(),
+		Detectors: defaultDetectors(),
+		Alerts:    defaultAlerts(),
 	}
 }
 
@@ -689,6 +695,8 @@ func (c *Config) Validate() error {
 	c.Waveform.validate(bad)
 	c.MQTT.validate(bad)
 	c.Runtime.validate(bad)
+	c.Detectors.validate(bad)
+	c.Alerts.validate(bad)
 	if c.Status.Interval < 0 {
 		bad("status.interval", "must not be negative")
 	}

@@ -1,4 +1,4 @@
-package news2
+package ews
 
 import (
 	"crypto/sha256"

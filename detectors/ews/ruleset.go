@@ -1,5 +1,6 @@
-// Package news2 computes the National Early Warning Score 2 (Royal College of
-// Physicians, 2017) from a patient's latest vital signs. The chart is data: a
+// Package ews computes early-warning scores from a patient's latest vital
+// signs with versioned scoring tables, starting with the National Early
+// Warning Score 2 (Royal College of Physicians, 2017). Each chart is data: a
 // versioned YAML ruleset embedded in the binary (news2-rcp-2017.yaml) or
 // loaded from a file, decoded strictly, validated (every scale's bands must
 // cover the whole number line at the chart's resolution without gaps or
@@ -7,7 +8,7 @@
 // carries.
 //
 // A Ruleset is immutable after loading and safe for concurrent use.
-package news2
+package ews
 
 import (
 	"bytes"
@@ -23,8 +24,8 @@ import (
 	"gopkg.in/yaml.v3"
 )
 
-// Kind is the Score.kind of NEWS2 scores.
-const Kind = "news2"
+// KindNEWS2 is the Score.kind of NEWS2 scores.
+const KindNEWS2 = "news2"
 
 //go:embed news2-rcp-2017.yaml
 var embedded []byte

@@ -1,6 +1,6 @@
 //go:build !race
 
-package news2
+package ews
 
 // raceEnabled: the race detector's instrumentation allocates, so
 // allocation counts are only checked without it.

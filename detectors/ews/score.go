@@ -1,4 +1,4 @@
-package news2
+package ews
 
 import (
 	"cmp"
@@ -70,7 +70,7 @@ func (r *Ruleset) Score(req Request) *vigilv1.Score {
 		SchemaVersion:  1,
 		Tenant:         req.Tenant,
 		Patient:        req.Patient,
-		Kind:           Kind,
+		Kind:           KindNEWS2,
 		Ruleset:        r.Name,
 		RulesetVersion: r.Version,
 		RulesetHash:    r.Hash,
@@ -114,7 +114,7 @@ func (r *Ruleset) Score(req Request) *vigilv1.Score {
 	s.SingleParameterRed = maxPoints >= r.RedScore
 	s.Band = r.response(total, maxPoints)
 	s.TopContributors = topContributors(s.Components)
-	s.Id = ScoreID(req.Tenant, req.Patient, Kind, req.AtMs, r.Hash)
+	s.Id = ScoreID(req.Tenant, req.Patient, KindNEWS2, req.AtMs, r.Hash)
 	return s
 }
 
