@@ -117,7 +117,14 @@ type AlertEvent struct {
 	// ms: emitted_time_ms - trigger_ingest_time_ms is Vigil's own latency.
 	TriggerIngestTimeMs int64 `protobuf:"varint,18,opt,name=trigger_ingest_time_ms,json=triggerIngestTimeMs,proto3" json:"trigger_ingest_time_ms,omitempty"`
 	// Escalation tier, 0 for the first.
-	Tier          uint32 `protobuf:"varint,19,opt,name=tier,proto3" json:"tier,omitempty"`
+	Tier uint32 `protobuf:"varint,19,opt,name=tier,proto3" json:"tier,omitempty"`
+	// Bed or location of the patient when the event was made (the newest
+	// SampleBatch.location seen for the patient, e.g. HL7 PV1-3
+	// "ICU1^01^A"), empty when unknown.
+	Location string `protobuf:"bytes,20,opt,name=location,proto3" json:"location,omitempty"`
+	// Ward: the point-of-care part of location (its first '^' component),
+	// empty when unknown. Alert burden is counted per ward.
+	Ward          string `protobuf:"bytes,21,opt,name=ward,proto3" json:"ward,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -285,11 +292,25 @@ func (x *AlertEvent) GetTier() uint32 {
 	return 0
 }
 
+func (x *AlertEvent) GetLocation() string {
+	if x != nil {
+		return x.Location
+	}
+	return ""
+}
+
+func (x *AlertEvent) GetWard() string {
+	if x != nil {
+		return x.Ward
+	}
+	return ""
+}
+
 var File_vigil_v1_alerts_proto protoreflect.FileDescriptor
 
 const file_vigil_v1_alerts_proto_rawDesc = "" +
 	"\n" +
-	"\x15vigil/v1/alerts.proto\x12\bvigil.v1\x1a\x15vigil/v1/scores.proto\"\xdd\x04\n" +
+	"\x15vigil/v1/alerts.proto\x12\bvigil.v1\x1a\x15vigil/v1/scores.proto\"\x8d\x05\n" +
 	"\n" +
 	"AlertEvent\x12%\n" +
 	"\x0eschema_version\x18\x01 \x01(\rR\rschemaVersion\x12\x19\n" +
@@ -311,7 +332,9 @@ const file_vigil_v1_alerts_proto_rawDesc = "" +
 	"\revent_time_ms\x18\x10 \x01(\x03R\veventTimeMs\x12&\n" +
 	"\x0femitted_time_ms\x18\x11 \x01(\x03R\remittedTimeMs\x123\n" +
 	"\x16trigger_ingest_time_ms\x18\x12 \x01(\x03R\x13triggerIngestTimeMs\x12\x12\n" +
-	"\x04tier\x18\x13 \x01(\rR\x04tier*\xd4\x01\n" +
+	"\x04tier\x18\x13 \x01(\rR\x04tier\x12\x1a\n" +
+	"\blocation\x18\x14 \x01(\tR\blocation\x12\x12\n" +
+	"\x04ward\x18\x15 \x01(\tR\x04ward*\xd4\x01\n" +
 	"\x0eAlertEventType\x12 \n" +
 	"\x1cALERT_EVENT_TYPE_UNSPECIFIED\x10\x00\x12\x16\n" +
 	"\x12ALERT_EVENT_RAISED\x10\x01\x12\x19\n" +
