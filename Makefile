@@ -10,7 +10,7 @@ STATICCHECK_VERSION := v0.8.2
 # Packages whose tests exercise concurrency; run under -race in `make test`.
 RACE_PKGS := ./internal/... ./ingest/... ./stream/... ./sinks/... ./features/... ./detectors/... ./simulator/... ./cmd/...
 
-.PHONY: all deps onnxruntime tools generate build run test test-unit test-race bench fuzz lint vet fmt clean
+.PHONY: all deps onnxruntime tools generate build run test test-unit test-race validate-sepsis bench fuzz lint vet fmt clean
 
 all: build
 
@@ -35,6 +35,7 @@ tools: $(TOOLS)/protoc-gen-go $(TOOLS)/staticcheck
 generate: $(TOOLS)/protoc-gen-go
 	@infra/scripts/install-deps.sh generate
 	cd proto && protoc -I . --go_out=. --go_opt=paths=source_relative vigil/v1/*.proto
+	protoc -I proto --go_out=. --go_opt=module=github.com/vigilhealth/vigil --go_opt=Monnx/onnx-ml.proto=github.com/vigilhealth/vigil/detectors/model/onnxpb onnx/onnx-ml.proto
 
 ## build: the vigil binary in bin/.
 build:
@@ -52,6 +53,14 @@ test-unit:
 
 test-race:
 	$(GO) test -count=1 -race -timeout 15m -short $(RACE_PKGS)
+
+## validate-sepsis: `vigil validate sepsis2019` on all of PhysioNet/CinC 2019 set B: trains the sepsis model on 70% of
+## the patients, replays every row through the pipeline, prints AUROC and utility per score; fails when the model
+## does not beat NEWS2 on the held-out 30%. SEPSIS_OUT is the output folder (CSV, model registry).
+SEPSIS_DATA ?= ../shared/datasets/sepsis2019-setB/training_setB.tar.gz
+SEPSIS_OUT ?= .vigil/validate-sepsis
+validate-sepsis: onnxruntime build
+	./bin/vigil validate sepsis2019 --data $(SEPSIS_DATA) --out $(SEPSIS_OUT)/sepsis2019.csv --registry $(SEPSIS_OUT)/models --log-level warn
 
 ## bench: every benchmark (whole-process where the issue asks for it), one package at a time so they do not
 ## share the cores; BENCH=<regex> picks benchmarks, PKG=<packages> limits the packages, BENCHTIME the time each runs.

@@ -6,6 +6,7 @@ import (
 	"unicode/utf8"
 
 	"google.golang.org/protobuf/encoding/protowire"
+	"google.golang.org/protobuf/proto"
 
 	vigilv1 "github.com/vigilhealth/vigil/proto/vigil/v1"
 )
@@ -130,6 +131,15 @@ func (d *batchDecoder) decode(v []byte, b *vigilv1.SampleBatch) error {
 						b.Location = str
 					}
 				}
+			}
+		case typ == protowire.BytesType && num == 20:
+			// An alert command (rare: decoded with proto, allocating).
+			var sub []byte
+			if sub, l = protowire.ConsumeBytes(v); l >= 0 {
+				if b.AlertCommand == nil {
+					b.AlertCommand = &vigilv1.AlertCommand{}
+				}
+				err = proto.UnmarshalOptions{Merge: true, DiscardUnknown: true}.Unmarshal(sub, b.AlertCommand)
 			}
 		default:
 			l = protowire.ConsumeFieldValue(num, typ, v)

@@ -4,6 +4,7 @@ import (
 	"math"
 
 	"google.golang.org/protobuf/encoding/protowire"
+	"google.golang.org/protobuf/proto"
 
 	vigilv1 "github.com/vigilhealth/vigil/proto/vigil/v1"
 )
@@ -51,6 +52,13 @@ func appendScore(b []byte, s *vigilv1.Score) []byte {
 		b = protowire.AppendTag(b, 17, protowire.BytesType)
 		b = protowire.AppendString(b, m)
 	}
+	// Baseline scores only (emitted on band and drift changes): the
+	// generic encoder is cheap enough there.
+	for _, d := range s.GetBaselineDrifts() {
+		b = protowire.AppendTag(b, 30, protowire.BytesType)
+		b = protowire.AppendVarint(b, uint64(proto.Size(d)))
+		b, _ = proto.MarshalOptions{Deterministic: true}.MarshalAppend(b, d)
+	}
 	return b
 }
 
@@ -81,6 +89,8 @@ func sizeComponent(c *vigilv1.ScoreComponent) int {
 		n += protowire.SizeTag(8) + 1
 	}
 	str(9, c.GetBand())
+	dbl(30, c.GetBaselineMedian())
+	dbl(31, c.GetBaselineMad())
 	return n
 }
 
@@ -94,6 +104,8 @@ func appendComponent(b []byte, c *vigilv1.ScoreComponent) []byte {
 	b = appendBool(b, 7, c.GetMissing())
 	b = appendBool(b, 8, c.GetStale())
 	b = appendString(b, 9, c.GetBand())
+	b = appendDouble(b, 30, c.GetBaselineMedian())
+	b = appendDouble(b, 31, c.GetBaselineMad())
 	return b
 }
 

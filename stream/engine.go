@@ -37,13 +37,20 @@ type engine struct {
 	win *window.Engine
 	// scoreWin is the spec's tumbling window of stream.window, at whose
 	// ends the window-end scores are taken; scoreMs its size.
-	scoreWin  string
-	scoreMs   int64
-	idleMs    int64
-	staleness time.Duration
-	ruleset   *ews.Ruleset
-	alerts    *alerting.Evaluator
-	catalog   *catalog.Catalog
+	scoreWin string
+	scoreMs  int64
+	idleMs   int64
+	// scores are the detectors.scores tables (scores.go).
+	scores []scoreTable
+	alerts *alerting.Evaluator
+	// alertRules is alerts.lifecycle.rules (alerts.go); alerts is its
+	// evaluator.
+	alertRules *alertRules
+	catalog    *catalog.Catalog
+	// baselines is detectors.baselines (nil: none configured).
+	baselines *baselines
+	// models is detectors.models (models.go; nil: none configured).
+	models *models
 	// mem allocates the Arrow feature batches (the Go allocator; tests
 	// pass a checked one).
 	mem memory.Allocator
@@ -68,7 +75,14 @@ func newEngine(cfg config.Config, rs *ews.Ruleset, cat *catalog.Catalog, mem mem
 		return nil, fmt.Errorf("stream.windows.spec: %w", err)
 	}
 	e := &engine{win: w, scoreMs: cfg.Stream.Window.Milliseconds(), idleMs: cfg.Stream.Windows.IdleTimeout.Milliseconds(),
-		staleness: cfg.Stream.Staleness, ruleset: rs, alerts: alerting.New(alerting.NEWS2Rules()), catalog: cat, mem: mem}
+		catalog: cat, mem: mem}
+	if e.scores, err = newScoreTables(cfg, rs); err != nil {
+		return nil, err
+	}
+	if e.alertRules, err = newAlertRules(cfg, spec); err != nil {
+		return nil, err
+	}
+	e.alerts = e.alertRules.eval
 	for _, ws := range spec.Windows {
 		if ws.Kind == "tumbling" && ws.Size == cfg.Stream.Window {
 			e.scoreWin = ws.Name
@@ -76,6 +90,9 @@ func newEngine(cfg config.Config, rs *ews.Ruleset, cat *catalog.Catalog, mem mem
 	}
 	if e.scoreWin == "" {
 		return nil, fmt.Errorf("stream.window: the window spec has no tumbling window of %s for the window-end scores", cfg.Stream.Window)
+	}
+	if e.baselines, err = newBaselines(cfg, cat); err != nil {
+		return nil, err
 	}
 	return e, nil
 }
@@ -97,19 +114,21 @@ type patient struct {
 	latest          []value // one entry per metric, unordered
 	closed          []value // newest values among closed score windows
 	alerts          alerting.State
-	lastScore       *vigilv1.Score
-	// digest is the ruleset's Digest of lastScore (kept with it), which
-	// the per-batch unchanged check reads instead of lastScore.
-	digest         ews.Digest
-	boundaryScores []int64
-	lastSeenMs     int64
+	// scores is the state of each detectors.scores table (scores.go).
+	scores     []kindScore
+	lastSeenMs int64
+	// location is the newest SampleBatch.location (for alert events).
+	location string
+	base     *patientBaselines
+	// mdl is the model input state (models.go; nil without models).
+	mdl *patientModels
 	// latestFn and closedFn look metrics up in latest and closed: made
 	// once per patient, so that scoring does not allocate a closure.
 	latestFn, closedFn func(string) (ews.Observation, bool)
 }
 
 func (e *engine) newPatient(key, tenant, id string) *patient {
-	p := &patient{key: key, tenant: tenant, id: id, eng: e.win, win: window.NewPatient()}
+	p := &patient{key: key, tenant: tenant, id: id, eng: e.win, win: window.NewPatient(), scores: e.newKindScores()}
 	p.latestFn = func(m string) (ews.Observation, bool) { return find(p.latest, m) }
 	p.closedFn = func(m string) (ews.Observation, bool) { return find(p.closed, m) }
 	return p
@@ -127,7 +146,7 @@ func (p *patient) warm() uint64 {
 
 // empty reports whether the patient holds no state worth keeping.
 func (p *patient) empty() bool {
-	return p.win.Empty() && len(p.latest) == 0 && len(p.closed) == 0 && p.alerts.Empty() && p.lastScore == nil
+	return p.win.Empty() && len(p.latest) == 0 && len(p.closed) == 0 && p.alerts.Empty() && p.noScores() && p.base == nil
 }
 
 // setValue records v as the newest value of its metric unless a newer one
@@ -190,10 +209,13 @@ type output struct {
 }
 
 // closedWindow is a window whose rows are in the Arrow batch, waiting
-// for finish; due: its window-end score is to be taken.
+// for finish; due: it is the first emission of a score window, whose end
+// is a window-end scoring point; scores: the tables (bit i: table i) whose
+// window-end score is to be taken there.
 type closedWindow struct {
 	window.WindowRows
-	due bool
+	due    bool
+	scores uint32
 }
 
 // outputs collects what the engine produces; reused between transactions.
@@ -223,6 +245,8 @@ type outputs struct {
 	fws   []*vigilv1.FeatureWindow
 	// slab holds the encoded records of batched outputs.
 	slab slab
+	// mdl holds the model runs' buffers (models.go).
+	mdl modelOutputs
 }
 
 // reset empties the outputs, dropping unfinished placeholders.
@@ -234,6 +258,7 @@ func (o *outputs) reset() {
 		o.batch.NewRecord().Release()
 	}
 	o.wins, o.seen, o.done = o.wins[:0], 0, 0
+	o.mdl.reset()
 }
 
 // recycle empties the list of produced outputs.
@@ -278,6 +303,9 @@ func (o *outputs) features(e *engine) *window.Batch {
 // a score emitted when the batch changed it; every emitted score runs the
 // alert rules. It reports whether p changed.
 func (e *engine) apply(p *patient, b *vigilv1.SampleBatch, nowMs int64, out *outputs) bool {
+	if b.GetAlertCommand() != nil && len(b.GetSamples()) == 0 {
+		return e.command(p, b, nowMs, out)
+	}
 	ingest := b.GetIngestTimeMs()
 	var late, invalid, unknown []int
 	accepted := 0
@@ -311,6 +339,9 @@ func (e *engine) apply(p *patient, b *vigilv1.SampleBatch, nowMs int64, out *out
 			unit = m.Unit
 		}
 		p.latest = setValue(p.latest, value{metric: m.ID, unit: unit, value: v, timeMs: t, ingestTimeMs: ingest})
+		if e.models != nil {
+			e.models.observe(p, m.ID, t)
+		}
 		accepted++
 	}
 	if len(late) > 0 {
@@ -332,29 +363,18 @@ func (e *engine) apply(p *patient, b *vigilv1.SampleBatch, nowMs int64, out *out
 		return false
 	}
 	p.lastSeenMs = nowMs
+	if loc := b.GetLocation(); loc != "" {
+		p.location = loc
+	}
 	tr := alerting.Trigger{IngestTimeMs: ingest, EmittedTimeMs: nowMs}
 	if !out.batched {
 		defer e.finish(out)
 	}
 	e.win.Advance(p.win, out.features(e), p.tenant, p.id)
 	e.emit(p, nowMs, tr, out)
-	wm := p.win.Watermark()
-	p.boundaryScores = slices.DeleteFunc(p.boundaryScores, func(t int64) bool { return t <= wm })
-
-	maxEvent := p.win.MaxEventTime()
-	// Most batches leave the score as it was: Unchanged tells without
-	// building it (or its id).
-	if e.ruleset.UnchangedDigest(&p.digest, e.request(p, maxEvent, p.latestFn)) {
-		return true
-	}
-	if s := e.score(p, maxEvent, p.latestFn, nowMs); s != nil && ews.Changed(p.lastScore, s) {
-		p.lastScore, p.digest = s, e.ruleset.Digest(s)
-		if maxEvent%e.scoreMs == 0 {
-			p.boundaryScores = append(p.boundaryScores, maxEvent)
-		}
-		// Its alert rules run in finish, after those of the window-end
-		// scores before it.
-		out.list = append(out.list, output{kind: outPendingScore, key: p.key, pt: p, score: s, tr: tr})
+	e.changeScores(p, tr, nowMs, out)
+	if e.models != nil {
+		e.models.change(e, p, nowMs, tr, out)
 	}
 	return true
 }
@@ -407,9 +427,10 @@ func (e *engine) trigger(p *patient, nowMs int64) alerting.Trigger {
 
 // emit queues the windows the window engine just closed for p (their
 // rows are in out's batch) as an outWindows placeholder, deciding now,
-// while p.boundaryScores is as it is at this point of the input, which
-// of them get a window-end score: every first emission of a score window
-// for whose end no change score was emitted.
+// while the tables' boundary times are as they are at this point of the
+// input, which of them get which window-end scores: every first emission
+// of a score window, for the tables that emitted no change score at its
+// end.
 func (e *engine) emit(p *patient, nowMs int64, tr alerting.Trigger, out *outputs) {
 	b := out.features(e)
 	ws := b.Windows()
@@ -421,8 +442,12 @@ func (e *engine) emit(p *patient, nowMs int64, tr alerting.Trigger, out *outputs
 		// A correction changes the window's features, not the score
 		// emitted at its end (it shares its deterministic id); a change
 		// score at exactly this time may have been emitted already.
-		due := w.Window == e.scoreWin && w.Version == 1 && !slices.Contains(p.boundaryScores, w.EndMs)
-		out.wins = append(out.wins, closedWindow{WindowRows: w, due: due})
+		due := w.Window == e.scoreWin && w.Version == 1
+		var scores uint32
+		if due {
+			scores = e.dueScores(p, w.EndMs)
+		}
+		out.wins = append(out.wins, closedWindow{WindowRows: w, due: due, scores: scores})
 	}
 	out.seen = len(ws)
 	b.Seal()
@@ -453,6 +478,9 @@ func (e *engine) finish(out *outputs) {
 			// The record is the engine's own: its schema is window.Schema.
 			panic(fmt.Sprintf("feature record: %v", err))
 		}
+	}
+	if e.models != nil {
+		e.models.prepare(e, out, &cols)
 	}
 	final := append(out.spare[:0], out.list[:out.done]...)
 	row := 0
@@ -501,9 +529,14 @@ func (e *engine) finish(out *outputs) {
 						value: cols.Last.Value(i), timeMs: cols.LastTimeMs.Value(i)})
 				}
 				if w.due {
-					if s := e.score(p, w.EndMs, p.closedFn, o.nowMs); s != nil {
-						final = e.emitScore(final, p, s, o.tr)
+					final = e.windowEndScores(final, p, w.EndMs, w.scores, o.tr, o.nowMs)
+					final = e.featureAlerts(final, p, &cols, row, row+wins[k].Rows, w.EndMs, o.tr)
+					if e.models != nil {
+						final = e.models.windowEnd(e, final, p, w.EndMs, o.tr, out)
 					}
+				}
+				if w.Version == 1 {
+					final = e.baselineWindow(final, p, &cols, row, row+wins[k].Rows, w.EndMs, o.tr, o.nowMs)
 				}
 			}
 			row += wins[k].Rows
@@ -516,21 +549,10 @@ func (e *engine) finish(out *outputs) {
 	out.wins, out.seen, out.done = out.wins[:0], 0, len(final)
 }
 
-func (e *engine) request(p *patient, atMs int64, latest func(string) (ews.Observation, bool)) ews.Request {
-	return ews.Request{Tenant: p.tenant, Patient: p.id, AtMs: atMs, Staleness: e.staleness, Latest: latest}
-}
-
-func (e *engine) score(p *patient, atMs int64, latest func(string) (ews.Observation, bool), nowMs int64) *vigilv1.Score {
-	s := e.ruleset.Score(e.request(p, atMs, latest))
-	if s != nil {
-		s.EmittedTimeMs = nowMs
-	}
-	return s
-}
-
 // emitScore appends s and the alerts it raises for p to list.
 func (e *engine) emitScore(list []output, p *patient, s *vigilv1.Score, tr alerting.Trigger) []output {
 	list = append(list, output{kind: outScore, key: p.key, score: s})
+	tr.Location, tr.Tenant, tr.Patient = p.location, p.tenant, p.id
 	for _, ev := range e.alerts.Evaluate(&p.alerts, s, tr) {
 		list = append(list, output{kind: outAlert, key: p.key, alert: ev})
 	}
@@ -581,19 +603,19 @@ const stateSchema = 2
 // toProto renders p as its changelog value.
 func (p *patient) toProto() *vigilv1.PatientState {
 	ps := &vigilv1.PatientState{
-		SchemaVersion:        stateSchema,
-		Tenant:               p.tenant,
-		Patient:              p.id,
-		Latest:               valuesProto(p.latest),
-		ClosedLatest:         valuesProto(p.closed),
-		LastSeenMs:           p.lastSeenMs,
-		BoundaryScoreTimesMs: slices.Clone(p.boundaryScores),
+		SchemaVersion: stateSchema,
+		Tenant:        p.tenant,
+		Patient:       p.id,
+		Latest:        valuesProto(p.latest),
+		ClosedLatest:  valuesProto(p.closed),
+		LastSeenMs:    p.lastSeenMs,
 	}
+	p.scoresToProto(ps)
 	p.eng.ToProto(p.win, ps)
 	p.alerts.ToProto(ps)
-	if p.lastScore != nil {
-		ps.LastScores = map[string]*vigilv1.Score{ews.KindNEWS2: p.lastScore}
-	}
+	ps.Location = p.location
+	ps.Baseline = p.base.toProto()
+	ps.ModelInputs = p.mdl.toProto()
 	return ps
 }
 
@@ -617,10 +639,11 @@ func (e *engine) fromProto(key string, ps *vigilv1.PatientState) (*patient, erro
 	p.latest = valuesFromProto(ps.GetLatest())
 	p.closed = valuesFromProto(ps.GetClosedLatest())
 	p.alerts = alerting.FromProto(ps)
-	p.lastScore = ps.GetLastScores()[ews.KindNEWS2]
-	p.digest = e.ruleset.Digest(p.lastScore)
-	p.boundaryScores = slices.Clone(ps.GetBoundaryScoreTimesMs())
+	p.location = ps.GetLocation()
+	e.scoresFromProto(p, ps)
 	p.lastSeenMs = ps.GetLastSeenMs()
+	p.base = e.baselines.fromProto(ps.GetBaseline())
+	p.mdl = modelsFromProto(ps.GetModelInputs())
 	return p, nil
 }
 

@@ -66,7 +66,6 @@ import (
 	"github.com/twmb/franz-go/plugin/kslog"
 	"google.golang.org/protobuf/proto"
 
-	"github.com/vigilhealth/vigil/detectors/ews"
 	"github.com/vigilhealth/vigil/features/window"
 	"github.com/vigilhealth/vigil/internal/bus"
 	"github.com/vigilhealth/vigil/internal/catalog"
@@ -114,18 +113,16 @@ type Processor struct {
 	hookBeforeEnd func()
 }
 
-// New validates cfg, loads the NEWS2 ruleset (cfg.Stream.Ruleset, or the
-// embedded one) and the metric catalogue (cfg.Ingest.Catalog, or the
-// embedded one), and registers the metrics on deps.Metrics. It connects to
-// nothing.
-func New(cfg config.Config, deps stage.Deps) (*Processor, error) {
+// New validates cfg, loads the scoring tables (detectors.scores) and the
+// metric catalogue (cfg.Ingest.Catalog, or the
+// embedded one), and registers the metrics on deps.Metrics. With
+// detectors.models.run set it loads those models from the registry and opens
+// them on the Runtime given by WithModelRuntime, else on one of its own that
+// Close closes (stream/models.go). It connects to nothing.
+func New(cfg config.Config, deps stage.Deps, opts ...Option) (*Processor, error) {
 	deps = deps.WithDefaults()
 	if err := cfg.Validate(); err != nil {
 		return nil, fmt.Errorf("stream config: %w", err)
-	}
-	rs, err := ews.Load(cfg.Stream.Ruleset)
-	if err != nil {
-		return nil, fmt.Errorf("loading ruleset: %w", err)
 	}
 	cat := catalog.Default()
 	if cfg.Ingest.Catalog != "" {
@@ -139,16 +136,20 @@ func New(cfg config.Config, deps stage.Deps) (*Processor, error) {
 	}
 	instance := cfg.Stream.InstanceID
 	if instance == "" {
+		var err error
 		if instance, err = os.Hostname(); err != nil || instance == "" {
 			return nil, fmt.Errorf("stream.instance_id is empty and the host name is unknown (%v): set it", err)
 		}
 	}
-	eng, err := newEngine(cfg, rs, cat, memory.NewGoAllocator())
+	eng, err := newEngine(cfg, nil, cat, memory.NewGoAllocator())
 	if err != nil {
 		return nil, err
 	}
 	m, err := newMetrics(deps.Metrics)
 	if err != nil {
+		return nil, err
+	}
+	if eng.models, err = openModels(cfg, newOptions(opts).runtime, cat, deps); err != nil {
 		return nil, err
 	}
 	return &Processor{
@@ -236,7 +237,7 @@ func (p *Processor) Close(context.Context) error {
 		// Allowing rebalance: Run may hold it blocked from a poll.
 		p.sess.CloseAllowingRebalance()
 	}
-	return nil
+	return p.eng.models.close()
 }
 
 func (p *Processor) isClosed() bool {
@@ -510,6 +511,8 @@ type session struct {
 	nDeadBy                     map[string]int
 	// timers: idle timeout and flush on shutdown (engine.go)
 	timers windowTimers
+	// alertNext is when alert timers are next checked (alerts.go).
+	alertNext time.Time
 }
 
 // worker processes the records of one partition of a poll. Its buffers
@@ -549,7 +552,7 @@ func (s *session) loop(ctx context.Context) error {
 		pollCtx, cancel := ctx, context.CancelFunc(func() {})
 		if s.inTxn {
 			pollCtx, cancel = context.WithDeadline(ctx, s.deadline)
-		} else if t, ok := s.idlePollDeadline(); ok {
+		} else if t, ok := s.timerPollDeadline(); ok {
 			pollCtx, cancel = context.WithDeadline(ctx, t)
 		}
 		fetches := s.sess.PollRecords(pollCtx, maxPoll)
@@ -594,6 +597,9 @@ func (s *session) loop(ctx context.Context) error {
 		}
 		if !s.inTxn {
 			if err := s.expireIdle(); err != nil {
+				return err
+			}
+			if err := s.expireAlertTimers(); err != nil {
 				return err
 			}
 			s.sess.AllowRebalance()

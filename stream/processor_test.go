@@ -219,7 +219,7 @@ func TestProcessorScenario(t *testing.T) {
 	for name, want := range map[string]float64{
 		"vigil_stream_samples_total":          31, // 6+2+2+2+3+2+5+1+5+2+1
 		"vigil_stream_features_emitted_total": 6,  // 3 1-minute, 3 5-minute
-		"vigil_stream_scores_emitted_total":   7,
+		"vigil_stream_scores_emitted_total":   19, // news2 7, mews 6, qsofa 6
 		"vigil_stream_late_samples_total":     1,
 	} {
 		if got := counterValue(t, r.reg, name, ""); got != want {

@@ -24,6 +24,7 @@ func cmdRun(ctx context.Context, env *cliEnv) error {
 		p.ensureDataDir,
 		func() error { return p.startInfra(ctx, true) },
 		func() error { return p.addStages(true, true, true) },
+		p.addAlertRoutes,
 		func() error {
 			if p.cfg.Simulator.Enabled {
 				return p.addSimulator()
@@ -138,6 +139,11 @@ func (p *platform) addIngest() error {
 		_ = pub.Close(context.Background())
 		return err
 	}
+	if err := p.addAlertAPI(srv, pub); err != nil {
+		_ = srv.Close(context.Background())
+		_ = pub.Close(context.Background())
+		return err
+	}
 	p.http = srv
 	srv.AddCheck("kafka", pub.Ping)
 	p.runner.AddStage("http", srv)
@@ -195,7 +201,7 @@ func (p *platform) addStatus() {
 func (p *platform) printBanner(env *cliEnv) {
 	var b strings.Builder
 	b.WriteString("\nVigil is running. Where to look:\n")
-	fmt.Fprintf(&b, "  HTTP API    http://%s  (POST /v1/samples, GET /healthz /readyz /metrics)\n", p.cfg.HTTP.Listen)
+	fmt.Fprintf(&b, "  HTTP API    http://%s  (POST /v1/samples, GET /v1/alerts?state=open, POST /v1/alerts/{id}/ack, GET /healthz /readyz /metrics)\n", p.cfg.HTTP.Listen)
 	b.WriteString(p.mllpBanner())
 	b.WriteString(p.gatewayBanner())
 	fmt.Fprintf(&b, "  Kafka       %s  (kcat -b %s -L; kcat -b %s -C -t %s -o beginning)\n",

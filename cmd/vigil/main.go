@@ -31,10 +31,13 @@ Commands:
   ingest     run the HTTP ingest API (POST /v1/samples) alone
   stream     run the stream processor (windows, NEWS2, alerts) alone
   sink       run the ClickHouse sink alone
+  routes     run the alert routes alone (webhooks, alert-burden metrics)
   migrate    apply the ClickHouse migrations and exit
   simulate   run the bedside/wearable simulator against an ingest endpoint
   replay     replay recordings, PhysioNet PSV folders/tarballs or WFDB records through ingest
   deadletter inspect and re-drive refused messages: ls, show <partition>:<offset>, redrive --reason R
+  train      train a model (gradient-boosted trees or logistic regression) from a CSV and write it as ONNX with its manifest
+  validate   validate the detectors on a public data set: sepsis2019 (PhysioNet/CinC 2019, AUROC and utility)
   version    print the version
 
 Every command takes the common flags (vigil <command> -h lists them). Settings come
@@ -61,12 +64,15 @@ func commands() []command {
 		{name: "ingest", run: cmdIngest},
 		{name: "stream", run: cmdStream},
 		{name: "sink", run: cmdSink},
+		{name: "routes", run: cmdRoutes},
 		{name: "migrate", run: cmdMigrate},
 		{name: "simulate", run: cmdSimulate, extra: func(fs *flag.FlagSet, e *cliEnv) {
 			fs.StringVar(&e.record, "record", "", "also write every request body sent to this recording (JSON Lines; .gz compresses)")
 		}},
 		{name: "replay", run: cmdReplay, extra: replayFlags, positional: true},
 		deadletterCommand(),
+		validateCommand(),
+		trainCommand(),
 		{name: "version", run: cmdVersion},
 	}
 }

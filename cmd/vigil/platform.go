@@ -25,6 +25,7 @@ import (
 	"github.com/vigilhealth/vigil/internal/httpserver"
 	"github.com/vigilhealth/vigil/internal/runner"
 	"github.com/vigilhealth/vigil/internal/stage"
+	"github.com/vigilhealth/vigil/sinks/alertapi"
 )
 
 // platform is one process's shared plumbing: config, logger, metrics
@@ -50,6 +51,12 @@ type platform struct {
 	// waveforms is the waveform processor (ECG chunks → RR intervals)
 	// when waveform.enabled; set by addWaveforms, used by the MLLP path.
 	waveforms *waveform.Processor
+	// streamClock, when set (by tests), is the processing clock of the
+	// stream stage (alert timers, idle timeouts) and of the alerts API
+	// (acknowledgement times); nil: the system clock.
+	streamClock clock.Clock
+	// alertAPI is the alerts HTTP API, when served; set by addAlertAPI.
+	alertAPI *alertapi.API
 }
 
 func newPlatform(env *cliEnv) *platform {
@@ -65,6 +72,9 @@ func newPlatform(env *cliEnv) *platform {
 }
 
 func (p *platform) deps(component string) stage.Deps {
+	if (component == "stream" || component == "alertapi") && p.streamClock != nil {
+		return stage.Deps{Log: p.log.With("stage", component), Metrics: p.reg, Clock: p.streamClock}
+	}
 	return stage.Deps{Log: p.log.With("stage", component), Metrics: p.reg, Clock: clock.System{}}
 }
 

@@ -1,44 +1,75 @@
 // Package ews computes early-warning scores from a patient's latest vital
-// signs with versioned scoring tables, starting with the National Early
-// Warning Score 2 (Royal College of Physicians, 2017). Each chart is data: a
-// versioned YAML ruleset embedded in the binary (news2-rcp-2017.yaml) or
-// loaded from a file, decoded strictly, validated (every scale's bands must
-// cover the whole number line at the chart's resolution without gaps or
-// overlaps), and identified by the sha256 of its bytes, which every Score
-// carries.
+// signs with versioned scoring tables. Three tables are embedded: the
+// National Early Warning Score 2 (Royal College of Physicians, 2017;
+// news2-rcp-2017.yaml), the Modified Early Warning Score of Subbe et al.
+// (QJM 2001; mews-subbe-2001.yaml) and the quick SOFA of Sepsis-3 (Singer
+// et al., JAMA 2016; qsofa-sepsis3-2016.yaml). Each chart is data: a
+// versioned YAML table embedded in the binary or loaded from a file a site
+// writes (internal/datafile: decoded strictly), validated (every scale's
+// bands must cover the whole number line at the chart's resolution without
+// gaps or overlaps), and identified by the sha256 of its bytes, which
+// every Score carries with the table's name and version. The score kind
+// (Score.kind: news2, mews, qsofa) comes from the file.
 //
 // A Ruleset is immutable after loading and safe for concurrent use.
 package ews
 
 import (
-	"bytes"
-	"crypto/sha256"
 	_ "embed"
-	"encoding/hex"
 	"errors"
 	"fmt"
 	"math"
-	"os"
 	"strconv"
+	"time"
 
-	"gopkg.in/yaml.v3"
+	"github.com/vigilhealth/vigil/internal/datafile"
 )
 
-// KindNEWS2 is the Score.kind of NEWS2 scores.
-const KindNEWS2 = "news2"
+// Score kinds of the embedded tables.
+const (
+	KindNEWS2 = "news2"
+	KindMEWS  = "mews"
+	KindQSOFA = "qsofa"
+)
 
 //go:embed news2-rcp-2017.yaml
 var embedded []byte
 
-// Ruleset is a loaded NEWS2 chart.
+//go:embed mews-subbe-2001.yaml
+var embeddedMEWS []byte
+
+//go:embed qsofa-sepsis3-2016.yaml
+var embeddedQSOFA []byte
+
+// Kinds are the kinds of the embedded tables, in the order the stream
+// engine scores them.
+func Kinds() []string { return []string{KindNEWS2, KindMEWS, KindQSOFA} }
+
+// embeddedTable returns the embedded document of kind.
+func embeddedTable(kind string) ([]byte, bool) {
+	switch kind {
+	case KindNEWS2:
+		return embedded, true
+	case KindMEWS:
+		return embeddedMEWS, true
+	case KindQSOFA:
+		return embeddedQSOFA, true
+	}
+	return nil, false
+}
+
+// Ruleset is a loaded scoring table.
 type Ruleset struct {
+	// Kind is the Score.kind of its scores (news2, mews, qsofa).
+	Kind string
 	// Name and Version come from the file; Hash is the sha256 (hex) of the
 	// file's bytes.
 	Name    string
 	Version string
 	Source  string
 	Hash    string
-	// RedScore is the points of a single parameter that make a "red score".
+	// RedScore is the points of a single parameter that make a "red score"
+	// (Score.single_parameter_red); 0 when the table has no such rule.
 	RedScore         float64
 	Parameters       []Parameter
 	ClinicalResponse []Response
@@ -65,6 +96,9 @@ type Parameter struct {
 	Decimals int `yaml:"decimals"`
 	// Scales are alternative charts; the first is the default.
 	Scales []Scale `yaml:"scales"`
+	// anyMetrics names the AnyAbove metrics ("fio2,oxygen_flow"), made
+	// once by Parse: the metric of the component when none is present.
+	anyMetrics string
 }
 
 // Threshold is one input of a derived parameter.
@@ -78,10 +112,21 @@ type Threshold struct {
 type Scale struct {
 	Name    string `yaml:"name"`
 	Display string `yaml:"display"`
-	Bands   []Band `yaml:"bands"`
+	// Select, on a scale other than the first, chooses it for a patient
+	// whose newest value of Select.Metric (whatever its age: a per-patient
+	// flag such as NEWS2's SpO2 scale 2 target, never stale), rounded to a
+	// whole number, is Select.Value. The first scale is used otherwise.
+	Select *Selector `yaml:"select"`
+	Bands  []Band    `yaml:"bands"`
 	// texts are the BandTexts of Bands, made once by Parse (Score would
 	// otherwise format them for every component of every score).
 	texts []string
+}
+
+// Selector is the per-patient flag that selects a scale.
+type Selector struct {
+	Metric string  `yaml:"metric"`
+	Value  float64 `yaml:"value"`
 }
 
 // Band is one cell: inclusive edges at the parameter's resolution, the
@@ -114,6 +159,7 @@ type Response struct {
 }
 
 type fileDoc struct {
+	Kind             string      `yaml:"kind"`
 	Name             string      `yaml:"name"`
 	Version          string      `yaml:"version"`
 	Source           string      `yaml:"source"`
@@ -122,45 +168,62 @@ type fileDoc struct {
 	ClinicalResponse []Response  `yaml:"clinical_response"`
 }
 
-// Default returns the embedded RCP 2017 ruleset.
-func Default() *Ruleset {
-	r, err := Parse(embedded)
+// Default returns the embedded NEWS2 table (RCP 2017).
+func Default() *Ruleset { return Embedded(KindNEWS2) }
+
+// Embedded returns the embedded table of kind (one of Kinds()); it panics
+// for another kind.
+func Embedded(kind string) *Ruleset {
+	doc, ok := embeddedTable(kind)
+	if !ok {
+		panic(fmt.Sprintf("no embedded scoring table of kind %q", kind))
+	}
+	r, err := Parse(doc)
 	if err != nil {
-		// The embedded file is tested; failing here is a build defect.
-		panic(fmt.Sprintf("embedded NEWS2 ruleset is invalid: %v", err))
+		// The embedded files are tested; failing here is a build defect.
+		panic(fmt.Sprintf("embedded %s table is invalid: %v", kind, err))
 	}
 	return r
 }
 
-// Load returns the ruleset in the file at path, or the embedded one when
-// path is empty.
-func Load(path string) (*Ruleset, error) {
-	if path == "" {
-		return Parse(embedded)
+// Load returns the NEWS2 table in the file at path, or the embedded one
+// when path is empty.
+func Load(path string) (*Ruleset, error) { return LoadKind(KindNEWS2, path) }
+
+// LoadKind returns the table in the file at path, which must be of kind,
+// or the embedded table of kind when path is empty. It blocks on reading
+// the file.
+func LoadKind(kind, path string) (*Ruleset, error) {
+	doc, ok := embeddedTable(kind)
+	if !ok && path == "" {
+		return nil, fmt.Errorf("no embedded scoring table of kind %q: name a file", kind)
 	}
-	doc, err := os.ReadFile(path)
+	f, err := datafile.Read(path, doc)
 	if err != nil {
-		return nil, fmt.Errorf("reading NEWS2 ruleset: %w", err)
+		return nil, fmt.Errorf("reading %s scoring table: %w", kind, err)
 	}
-	r, err := Parse(doc)
+	r, err := Parse(f.Bytes)
+	if err == nil && r.Kind != kind {
+		err = fmt.Errorf("kind is %q, want %q", r.Kind, kind)
+	}
 	if err != nil {
-		return nil, fmt.Errorf("NEWS2 ruleset %s: %w", path, err)
+		if path != "" {
+			return nil, fmt.Errorf("%s scoring table %s: %w", kind, path, err)
+		}
+		return nil, fmt.Errorf("embedded %s scoring table: %w", kind, err)
 	}
 	return r, nil
 }
 
-// Parse decodes (strictly: unknown keys fail) and validates a ruleset
+// Parse decodes (strictly: unknown keys fail) and validates a table
 // document.
 func Parse(doc []byte) (*Ruleset, error) {
-	dec := yaml.NewDecoder(bytes.NewReader(doc))
-	dec.KnownFields(true)
 	var f fileDoc
-	if err := dec.Decode(&f); err != nil {
-		return nil, fmt.Errorf("decoding NEWS2 ruleset: %w", err)
+	if err := datafile.Decode(doc, &f); err != nil {
+		return nil, fmt.Errorf("decoding scoring table: %w", err)
 	}
-	sum := sha256.Sum256(doc)
 	r := &Ruleset{
-		Name: f.Name, Version: f.Version, Source: f.Source, Hash: hex.EncodeToString(sum[:]),
+		Kind: f.Kind, Name: f.Name, Version: f.Version, Source: f.Source, Hash: datafile.Hash(doc),
 		RedScore: f.RedScore, Parameters: f.Parameters, ClinicalResponse: f.ClinicalResponse,
 		byName: make(map[string]int, len(f.Parameters)),
 	}
@@ -169,11 +232,25 @@ func Parse(doc []byte) (*Ruleset, error) {
 	}
 	for i := range r.Parameters {
 		p := &r.Parameters[i]
+		for j, t := range p.AnyAbove {
+			if j > 0 {
+				p.anyMetrics += ","
+			}
+			p.anyMetrics += t.Metric
+		}
 		for j := range p.Scales {
 			sc := &p.Scales[j]
 			sc.texts = make([]string, len(sc.Bands))
 			for k, b := range sc.Bands {
 				sc.texts[k] = BandText(b, p.Decimals)
+				if j > 0 {
+					// Name the chart a band of another scale comes from.
+					name := sc.Display
+					if name == "" {
+						name = sc.Name
+					}
+					sc.texts[k] = name + ": " + sc.texts[k]
+				}
 			}
 		}
 	}
@@ -182,12 +259,14 @@ func Parse(doc []byte) (*Ruleset, error) {
 
 func (r *Ruleset) validate() error {
 	switch {
+	case !validKind(r.Kind):
+		return fmt.Errorf("kind %q must be a lowercase word (a-z, 0-9, _), e.g. news2, mews, qsofa", r.Kind)
 	case r.Name == "":
 		return errors.New("name is empty")
 	case r.Version == "":
 		return errors.New("version is empty")
-	case r.RedScore <= 0:
-		return errors.New("red_score must be positive")
+	case r.RedScore < 0 || math.IsNaN(r.RedScore) || math.IsInf(r.RedScore, 0):
+		return errors.New("red_score must be 0 (no single-parameter rule) or positive")
 	case len(r.Parameters) == 0:
 		return errors.New("no parameters")
 	}
@@ -243,6 +322,12 @@ func (r *Ruleset) validateParameter(p *Parameter) error {
 			return fmt.Errorf("scales[%d]: name %q is empty or repeated", j, s.Name)
 		}
 		seen[s.Name] = true
+		if (j == 0) != (s.Select == nil) {
+			return fmt.Errorf("scales[%d] (%s): every scale but the first (the default) needs select, the first has none", j, s.Name)
+		}
+		if s.Select != nil && (s.Select.Metric == "" || RoundHalfAway(s.Select.Value, 0) != s.Select.Value) {
+			return fmt.Errorf("scales[%d] (%s): select needs a metric and a whole-number value", j, s.Name)
+		}
 		if err := r.validateScale(p, s); err != nil {
 			return fmt.Errorf("scale %s: %w", s.Name, err)
 		}
@@ -345,6 +430,48 @@ func checkCover(p *Parameter, bands []Band, cond *Condition) error {
 	return nil
 }
 
+// validKind: a non-empty lowercase word.
+func validKind(k string) bool {
+	if k == "" || len(k) > 32 {
+		return false
+	}
+	for i := 0; i < len(k); i++ {
+		c := k[i]
+		if !(c >= 'a' && c <= 'z' || c >= '0' && c <= '9' || c == '_') {
+			return false
+		}
+	}
+	return true
+}
+
+// Limits are per-input staleness limits compiled for one table: an input
+// older than its limit before the score's time is stale (listed, not
+// scored). Immutable once made; safe for concurrent use.
+type Limits struct {
+	r *Ruleset
+	// param[i] is the limit (ms) of parameter i's metric; anyAbove[i][j]
+	// that of its j-th derived input.
+	param    []int64
+	anyAbove [][]int64
+}
+
+// Limits compiles staleness limits for r: limit(parameter, metric) is the
+// limit of metric as the input of parameter (for derived parameters,
+// called once per input metric).
+func (r *Ruleset) Limits(limit func(parameter, metric string) time.Duration) *Limits {
+	l := &Limits{r: r, param: make([]int64, len(r.Parameters)), anyAbove: make([][]int64, len(r.Parameters))}
+	for i := range r.Parameters {
+		p := &r.Parameters[i]
+		if p.Metric != "" {
+			l.param[i] = limit(p.Name, p.Metric).Milliseconds()
+		}
+		for _, t := range p.AnyAbove {
+			l.anyAbove[i] = append(l.anyAbove[i], limit(p.Name, t.Metric).Milliseconds())
+		}
+	}
+	return l
+}
+
 // BandText is the band's text, or one derived from its edges at the given
 // resolution ("21-24", "<=8", ">=25", "35.1-36.0").
 func BandText(b Band, decimals int) string {
@@ -383,6 +510,22 @@ func RoundHalfAway(v float64, decimals int) float64 {
 	if math.IsNaN(v) || math.IsInf(v, 0) {
 		return v
 	}
+	// Fast path (most vital signs are charted at their resolution): when
+	// v is the double nearest n / 10^decimals for a whole n, that decimal
+	// round-trips to v, so v's shortest representation has at most
+	// `decimals` decimals and v is returned unchanged, as below.
+	if decimals >= 0 && decimals <= 15 {
+		p := math.Pow10(decimals)
+		if n := math.Round(v * p); math.Abs(n) < 1<<53 && n/p == v {
+			return v
+		}
+	}
+	return roundDecimal(v, decimals)
+}
+
+// roundDecimal is RoundHalfAway on the decimal digits of v's shortest
+// representation, without the fast path.
+func roundDecimal(v float64, decimals int) float64 {
 	s := strconv.FormatFloat(v, 'f', -1, 64)
 	neg := s[0] == '-'
 	if neg {

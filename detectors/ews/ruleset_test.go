@@ -385,7 +385,7 @@ func TestStrictDecodingAndValidation(t *testing.T) {
 		{"overlap", strings.Replace(good, "{min: 92, max: 93, points: 2}", "{min: 91, max: 93, points: 2}", 1), "must start at 92"},
 		{"finer than resolution", strings.Replace(good, "{min: 35.1, max: 36.0, points: 1}", "{min: 35.1, max: 36.05, points: 1}", 1), "finer"},
 		{"open top missing", strings.Replace(good, "{min: 131, points: 3}", "{min: 131, max: 250, points: 3}", 1), "above 250"},
-		{"no version", strings.Replace(good, "version: rcp-2017.1", "version: \"\"", 1), "version"},
+		{"no version", strings.Replace(good, "version: rcp-2017.2", "version: \"\"", 1), "version"},
 		{"last response conditional", strings.Replace(good, "{band: low, aggregate_min: 0}", "{band: low, aggregate_min: 1}", 1), "last row"},
 	}
 	for _, c := range cases {
@@ -401,7 +401,7 @@ func TestStrictDecodingAndValidation(t *testing.T) {
 
 func TestLoadFileHashesItsBytes(t *testing.T) {
 	dir := t.TempDir()
-	doc := strings.Replace(string(embedded), "version: rcp-2017.1", "version: local-1", 1)
+	doc := strings.Replace(string(embedded), "version: rcp-2017.2", "version: local-1", 1)
 	path := filepath.Join(dir, "local.yaml")
 	if err := os.WriteFile(path, []byte(doc), 0o600); err != nil {
 		t.Fatal(err)
@@ -423,6 +423,7 @@ func TestLoadFileHashesItsBytes(t *testing.T) {
 // (RCP 2017): <=83:3, 84-85:2, 86-87:1, 88-92 and >=93 on air:0, on oxygen
 // 93-94:1, 95-96:2, >=97:3. It exercises scales and conditional bands.
 const scale2Doc = `
+kind: news2
 name: news2-scale2-test
 version: test
 red_score: 3
@@ -439,6 +440,7 @@ parameters:
           - {min: 94, max: 95, points: 1}
           - {min: 96, points: 0}
       - name: scale_2
+        select: {metric: spo2_target_scale, value: 2}
         bands:
           - {max: 83, points: 3}
           - {min: 84, max: 85, points: 2}
@@ -474,16 +476,19 @@ func TestScalesAndConditionalBands(t *testing.T) {
 		band       string
 	}{
 		{95, 0, "", 1, "94-95"}, // default is the first scale
-		{88, 0, "scale_2", 0, "88-92"},
-		{83, 0, "scale_2", 3, "<=83"},
-		{96, 0, "scale_2", 0, ">=93 on air"},
-		{96, 2, "scale_2", 2, "95-96 on oxygen"},
-		{97, 2, "scale_2", 3, ">=97 on oxygen"},
-		{92, 2, "scale_2", 0, "88-92"},
+		{88, 0, "scale_2", 0, "scale_2: 88-92"},
+		{83, 0, "scale_2", 3, "scale_2: <=83"},
+		{96, 0, "scale_2", 0, "scale_2: >=93 on air"},
+		{96, 2, "scale_2", 2, "scale_2: 95-96 on oxygen"},
+		{97, 2, "scale_2", 3, "scale_2: >=97 on oxygen"},
+		{92, 2, "scale_2", 0, "scale_2: 88-92"},
+		{92, 2, "flag", 0, "scale_2: 88-92"}, // chosen by the patient's flag
 	}
 	for _, c := range cases {
 		req := vitals(map[string]float64{"spo2": c.spo2, "oxygen_flow": c.flow})
-		if c.scale != "" {
+		if c.scale == "flag" {
+			req = vitals(map[string]float64{"spo2": c.spo2, "oxygen_flow": c.flow, "spo2_target_scale": 2})
+		} else if c.scale != "" {
 			req.Scales = map[string]string{"spo2": c.scale}
 		}
 		comp := component(t, r.Score(req), "spo2")

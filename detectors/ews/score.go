@@ -6,7 +6,6 @@ import (
 	"encoding/binary"
 	"encoding/hex"
 	"slices"
-	"strings"
 	"time"
 
 	vigilv1 "github.com/vigilhealth/vigil/proto/vigil/v1"
@@ -26,14 +25,18 @@ type Request struct {
 	// AtMs is the event time the score describes, Unix ms.
 	AtMs int64
 	// Staleness: an input older than this before AtMs is stale (listed,
-	// not scored).
+	// not scored), unless Limits is set.
 	Staleness time.Duration
+	// Limits, when made by this table's Limits, gives each input its own
+	// staleness limit instead of Staleness.
+	Limits *Limits
 	// Latest returns a metric's newest observation (at or before AtMs),
 	// false when there is none. It is called a few times per parameter
 	// during Score and never retained.
 	Latest func(metric string) (Observation, bool)
-	// Scales chooses a scale per parameter name; parameters not named use
-	// their first scale.
+	// Scales chooses a scale per parameter name, overriding the scales'
+	// select flags; parameters not named use the scale their select flag
+	// chooses, else their first.
 	Scales map[string]string
 }
 
@@ -60,25 +63,37 @@ func (r *Ruleset) Score(req Request) *vigilv1.Score {
 	}
 	anyPresent := false
 	for i := range r.Parameters {
-		ins[i] = r.resolve(&r.Parameters[i], req)
+		ins[i] = r.resolve(i, req)
 		anyPresent = anyPresent || ins[i].present
 	}
 	if !anyPresent {
 		return nil
 	}
-	s := &vigilv1.Score{
-		SchemaVersion:  1,
-		Tenant:         req.Tenant,
-		Patient:        req.Patient,
-		Kind:           KindNEWS2,
-		Ruleset:        r.Name,
-		RulesetVersion: r.Version,
-		RulesetHash:    r.Hash,
-		EventTimeMs:    req.AtMs,
-		Components:     make([]*vigilv1.ScoreComponent, 0, len(r.Parameters)),
+	// The score, its components and the missing and stale names (which
+	// share one array, each capped to its half) in one allocation for
+	// tables of up to 8 parameters: a stream scores several tables at
+	// every window end.
+	n := len(r.Parameters)
+	var (
+		s     *vigilv1.Score
+		comps []vigilv1.ScoreComponent
+		ptrs  []*vigilv1.ScoreComponent
+		names []string
+	)
+	switch {
+	case n <= len(smallScoreBlock{}.comps):
+		blk := new(smallScoreBlock)
+		s, comps, ptrs, names = &blk.s, blk.comps[:n], blk.ptrs[:0:n], blk.names[:2*n]
+	case n <= len(scoreBlock{}.comps):
+		blk := new(scoreBlock)
+		s, comps, ptrs, names = &blk.s, blk.comps[:n], blk.ptrs[:0:n], blk.names[:2*n]
+	default:
+		s, comps, ptrs, names = new(vigilv1.Score), make([]vigilv1.ScoreComponent, n), make([]*vigilv1.ScoreComponent, 0, n), make([]string, 2*n)
 	}
-	// One allocation for all components.
-	comps := make([]vigilv1.ScoreComponent, len(r.Parameters))
+	s.SchemaVersion, s.Tenant, s.Patient, s.Kind = 1, req.Tenant, req.Patient, r.Kind
+	s.Ruleset, s.RulesetVersion, s.RulesetHash, s.EventTimeMs = r.Name, r.Version, r.Hash, req.AtMs
+	s.Components = ptrs
+	s.Missing, s.Stale = names[:0:n], names[n:n]
 	var total, maxPoints float64
 	for i := range r.Parameters {
 		p := &r.Parameters[i]
@@ -93,7 +108,7 @@ func (r *Ruleset) Score(req Request) *vigilv1.Score {
 			c.Stale = true
 			s.Stale = append(s.Stale, p.Name)
 		default:
-			b, text, ok := r.band(p, req.Scales[p.Name], in.banded, ins)
+			b, text, ok := r.band(p, req, in.banded, ins)
 			if !ok {
 				// Only possible for conditional bands whose condition's
 				// input is missing or stale: the parameter cannot be
@@ -110,12 +125,34 @@ func (r *Ruleset) Score(req Request) *vigilv1.Score {
 		}
 		s.Components = append(s.Components, c)
 	}
+	if len(s.Missing) == 0 {
+		s.Missing = nil
+	}
+	if len(s.Stale) == 0 {
+		s.Stale = nil
+	}
 	s.Value = total
-	s.SingleParameterRed = maxPoints >= r.RedScore
+	s.SingleParameterRed = r.RedScore > 0 && maxPoints >= r.RedScore
 	s.Band = r.response(total, maxPoints)
 	s.TopContributors = topContributors(s.Components)
-	s.Id = ScoreID(req.Tenant, req.Patient, KindNEWS2, req.AtMs, r.Hash)
+	s.Id = ScoreID(req.Tenant, req.Patient, r.Kind, req.AtMs, r.Hash)
 	return s
+}
+
+// smallScoreBlock and scoreBlock hold a Score of up to 4 or 8 parameters
+// with its parts, so that Score allocates them at once.
+type smallScoreBlock struct {
+	s     vigilv1.Score
+	comps [4]vigilv1.ScoreComponent
+	ptrs  [4]*vigilv1.ScoreComponent
+	names [8]string
+}
+
+type scoreBlock struct {
+	s     vigilv1.Score
+	comps [8]vigilv1.ScoreComponent
+	ptrs  [8]*vigilv1.ScoreComponent
+	names [16]string
 }
 
 // Unchanged reports whether Score(req) would return a score that Changed
@@ -193,7 +230,7 @@ func (r *Ruleset) unchanged(req Request, value float64, band string, same func(i
 	}
 	anyPresent := false
 	for i := range r.Parameters {
-		in := r.resolveInput(&r.Parameters[i], req, false)
+		in := r.resolveInput(i, req, false)
 		ins = append(ins, in)
 		anyPresent = anyPresent || in.present
 	}
@@ -212,7 +249,7 @@ func (r *Ruleset) unchanged(req Request, value float64, band string, same func(i
 		case in.stale:
 			stale = true
 		default:
-			b, _, ok := r.band(p, req.Scales[p.Name], in.banded, ins)
+			b, _, ok := r.band(p, req, in.banded, ins)
 			if !ok {
 				missing = true
 				break
@@ -228,16 +265,18 @@ func (r *Ruleset) unchanged(req Request, value float64, band string, same func(i
 	return value == total && band == r.response(total, maxPoints)
 }
 
-// resolve finds a parameter's input.
-func (r *Ruleset) resolve(p *Parameter, req Request) input {
-	return r.resolveInput(p, req, true)
+// resolve finds parameter i's input.
+func (r *Ruleset) resolve(i int, req Request) input {
+	return r.resolveInput(i, req, true)
 }
 
-// resolveInput finds a parameter's input; names: name the metrics of a
+// resolveInput finds parameter i's input; names: name the metrics of a
 // derived parameter none of whose inputs is present (which allocates).
-func (r *Ruleset) resolveInput(p *Parameter, req Request, names bool) input {
-	stale := func(o Observation) bool {
-		return req.AtMs-o.TimeMs > req.Staleness.Milliseconds()
+func (r *Ruleset) resolveInput(i int, req Request, names bool) input {
+	p := &r.Parameters[i]
+	limits := req.Limits
+	if limits != nil && limits.r != r {
+		limits = nil
 	}
 	if p.Metric != "" {
 		o, ok := req.Latest(p.Metric)
@@ -248,13 +287,17 @@ func (r *Ruleset) resolveInput(p *Parameter, req Request, names bool) input {
 		if unit == "" {
 			unit = p.Unit
 		}
-		return input{present: true, stale: stale(o), value: o.Value, banded: RoundHalfAway(o.Value, p.Decimals),
+		limit := req.Staleness.Milliseconds()
+		if limits != nil {
+			limit = limits.param[i]
+		}
+		return input{present: true, stale: req.AtMs-o.TimeMs > limit, value: o.Value, banded: RoundHalfAway(o.Value, p.Decimals),
 			metric: p.Metric, unit: unit, timeMs: o.TimeMs}
 	}
 	// Derived 0/1: the deciding input is the newest current one above its
 	// threshold; else the newest current one; else the newest stale one.
 	var above, current, old input
-	for _, t := range p.AnyAbove {
+	for j, t := range p.AnyAbove {
 		o, ok := req.Latest(t.Metric)
 		if !ok {
 			continue
@@ -264,8 +307,12 @@ func (r *Ruleset) resolveInput(p *Parameter, req Request, names bool) input {
 			unit = t.Unit
 		}
 		in := input{present: true, value: o.Value, metric: t.Metric, unit: unit, timeMs: o.TimeMs}
+		limit := req.Staleness.Milliseconds()
+		if limits != nil {
+			limit = limits.anyAbove[i][j]
+		}
 		switch {
-		case stale(o):
+		case req.AtMs-o.TimeMs > limit:
 			in.stale = true
 			if !old.present || in.timeMs > old.timeMs {
 				old = in
@@ -291,22 +338,36 @@ func (r *Ruleset) resolveInput(p *Parameter, req Request, names bool) input {
 	case !names:
 		return input{unit: p.Unit}
 	}
-	metrics := make([]string, len(p.AnyAbove))
-	for i, t := range p.AnyAbove {
-		metrics[i] = t.Metric
-	}
-	return input{metric: strings.Join(metrics, ","), unit: p.Unit}
+	return input{metric: p.anyMetrics, unit: p.Unit}
 }
 
-// band finds the band of value v in the chosen scale, given every
-// parameter's input for conditions, and its text.
-func (r *Ruleset) band(p *Parameter, scale string, v float64, ins []input) (Band, string, bool) {
-	sc := &p.Scales[0]
-	for i := range p.Scales {
-		if p.Scales[i].Name == scale {
-			sc = &p.Scales[i]
+// scale is the scale of p that req selects: the one req.Scales names,
+// else the first whose select flag matches the patient's newest value of
+// its metric (of any age), else the first.
+func (r *Ruleset) scale(p *Parameter, req Request) *Scale {
+	if len(p.Scales) == 1 {
+		return &p.Scales[0]
+	}
+	if name, ok := req.Scales[p.Name]; ok {
+		for i := range p.Scales {
+			if p.Scales[i].Name == name {
+				return &p.Scales[i]
+			}
 		}
 	}
+	for i := 1; i < len(p.Scales); i++ {
+		sel := p.Scales[i].Select
+		if o, ok := req.Latest(sel.Metric); ok && RoundHalfAway(o.Value, 0) == sel.Value {
+			return &p.Scales[i]
+		}
+	}
+	return &p.Scales[0]
+}
+
+// band finds the band of value v in the scale req selects, given every
+// parameter's input for conditions, and its text.
+func (r *Ruleset) band(p *Parameter, req Request, v float64, ins []input) (Band, string, bool) {
+	sc := r.scale(p, req)
 	for k, b := range sc.Bands {
 		if (b.Min != nil && v < *b.Min) || (b.Max != nil && v > *b.Max) {
 			continue
@@ -342,7 +403,8 @@ func (r *Ruleset) response(total, maxPoints float64) string {
 // topContributors lists the parameters that scored, most points first
 // (ties in chart order).
 func topContributors(cs []*vigilv1.ScoreComponent) []string {
-	scored := make([]*vigilv1.ScoreComponent, 0, len(cs))
+	var buf [16]*vigilv1.ScoreComponent
+	scored := buf[:0]
 	for _, c := range cs {
 		if c.Points > 0 {
 			scored = append(scored, c)
@@ -401,4 +463,45 @@ func HashID(parts ...string) string {
 func strconvInt(v int64) string {
 	var b [20]byte
 	return string(binary.BigEndian.AppendUint64(b[:0], uint64(v)))
+}
+
+// Compact returns the part of s that Changed, Unchanged and Digest read
+// (kind, ruleset hash, event time, value, band, single-parameter flag and
+// each component's parameter, points, missing and stale flags) in one
+// allocation for scores of up to 8 components: what a caller keeps per
+// patient (and writes to its state) to emit scores only on change, at a
+// fraction of the full score's size. Nil for a nil s.
+func Compact(s *vigilv1.Score) *vigilv1.Score {
+	if s == nil {
+		return nil
+	}
+	n := len(s.GetComponents())
+	var (
+		c     *vigilv1.Score
+		comps []vigilv1.ScoreComponent
+		ptrs  []*vigilv1.ScoreComponent
+	)
+	if n <= len(scoreBlock{}.comps) {
+		blk := new(compactBlock)
+		c, comps, ptrs = &blk.s, blk.comps[:n], blk.ptrs[:n]
+	} else {
+		c, comps, ptrs = new(vigilv1.Score), make([]vigilv1.ScoreComponent, n), make([]*vigilv1.ScoreComponent, n)
+	}
+	c.SchemaVersion, c.Kind, c.RulesetHash, c.EventTimeMs = s.GetSchemaVersion(), s.GetKind(), s.GetRulesetHash(), s.GetEventTimeMs()
+	c.Value, c.Band, c.SingleParameterRed = s.GetValue(), s.GetBand(), s.GetSingleParameterRed()
+	for i, sc := range s.GetComponents() {
+		comps[i].Parameter, comps[i].Points, comps[i].Missing, comps[i].Stale = sc.GetParameter(), sc.GetPoints(), sc.GetMissing(), sc.GetStale()
+		ptrs[i] = &comps[i]
+	}
+	if n > 0 {
+		c.Components = ptrs
+	}
+	return c
+}
+
+// compactBlock holds a Compact score of up to 8 components.
+type compactBlock struct {
+	s     vigilv1.Score
+	comps [8]vigilv1.ScoreComponent
+	ptrs  [8]*vigilv1.ScoreComponent
 }

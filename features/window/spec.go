@@ -1,18 +1,14 @@
 package window
 
 import (
-	"bytes"
-	"crypto/sha256"
 	_ "embed"
-	"encoding/hex"
 	"errors"
 	"fmt"
 	"math"
-	"os"
 	"slices"
 	"time"
 
-	"gopkg.in/yaml.v3"
+	"github.com/vigilhealth/vigil/internal/datafile"
 )
 
 //go:embed spec.yaml
@@ -88,32 +84,26 @@ func DefaultSpec() *Spec {
 }
 
 // LoadSpec reads the spec at path, or returns the embedded one when path
-// is empty.
+// is empty (internal/datafile: strict decoding, sha256 of the bytes).
 func LoadSpec(path string) (*Spec, error) {
-	if path == "" {
-		return ParseSpec(embeddedSpec)
-	}
-	doc, err := os.ReadFile(path)
+	f, err := datafile.Read(path, embeddedSpec)
 	if err != nil {
 		return nil, fmt.Errorf("reading window spec: %w", err)
 	}
-	s, err := ParseSpec(doc)
-	if err != nil {
+	s, err := ParseSpec(f.Bytes)
+	if err != nil && path != "" {
 		return nil, fmt.Errorf("window spec %s: %w", path, err)
 	}
-	return s, nil
+	return s, err
 }
 
 // ParseSpec decodes (strictly: unknown keys fail) and validates a spec.
 func ParseSpec(doc []byte) (*Spec, error) {
 	var s Spec
-	dec := yaml.NewDecoder(bytes.NewReader(doc))
-	dec.KnownFields(true)
-	if err := dec.Decode(&s); err != nil {
+	if err := datafile.Decode(doc, &s); err != nil {
 		return nil, fmt.Errorf("decoding window spec: %w", err)
 	}
-	sum := sha256.Sum256(doc)
-	s.Hash = hex.EncodeToString(sum[:])
+	s.Hash = datafile.Hash(doc)
 	if err := s.Validate(); err != nil {
 		return nil, err
 	}

@@ -90,17 +90,21 @@ func TestMigrateFreshThenNoOp(t *testing.T) {
 		t.Fatalf("first migrate: %v", err)
 	}
 	want := map[string]string{
-		"schema_migrations":  "MergeTree",
-		"samples":            "ReplacingMergeTree",
-		"features":           "ReplacingMergeTree",
-		"scores":             "ReplacingMergeTree",
-		"alerts":             "ReplacingMergeTree",
-		"dead_letters":       "ReplacingMergeTree",
-		"samples_final":      "View",
-		"features_final":     "View",
-		"scores_final":       "View",
-		"alerts_final":       "View",
-		"dead_letters_final": "View",
+		"schema_migrations":       "MergeTree",
+		"samples":                 "ReplacingMergeTree",
+		"features":                "ReplacingMergeTree",
+		"scores":                  "ReplacingMergeTree",
+		"alerts":                  "View", // of alerts_v2 since 0008
+		"alerts_v2":               "ReplacingMergeTree",
+		"alert_episodes":          "View", // 0009: alert burden
+		"alert_burden_daily":      "View",
+		"alert_burden_ward_daily": "View",
+		"dead_letters":            "ReplacingMergeTree",
+		"samples_final":           "View",
+		"features_final":          "View",
+		"scores_final":            "View",
+		"alerts_final":            "View",
+		"dead_letters_final":      "View",
 	}
 	got := tablesOf(t, conn, db)
 	for name, engine := range want {
@@ -199,7 +203,7 @@ func TestMigrateAppliesOnlyNewMigration(t *testing.T) {
 	fsys := embeddedCopy(t)
 	fsys["0100_probe.sql"] = &fstest.MapFile{Data: []byte(`
 -- A column added the way a later migration would.
-ALTER TABLE {{.DB}}.alerts ADD COLUMN probe String DEFAULT 'p';
+ALTER TABLE {{.DB}}.samples ADD COLUMN probe String DEFAULT 'p';
 CREATE TABLE IF NOT EXISTS {{.DB}}.probe (x UInt8{{if .AtLeast 1000 0}}, never UInt8{{end}}) ENGINE = MergeTree() ORDER BY x;
 `)}
 	ms, err := load(fsys)

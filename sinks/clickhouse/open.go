@@ -125,8 +125,8 @@ func RowCounter(cfg config.ClickHouse) func(ctx context.Context) (map[string]uin
 			if err := rows.Scan(&table, &n); err != nil {
 				return nil, fmt.Errorf("counting clickhouse rows: %w", err)
 			}
-			if _, ok := out[table]; ok {
-				out[table] = n
+			if _, ok := out[logicalTable(table)]; ok {
+				out[logicalTable(table)] = n
 			}
 		}
 		if err := rows.Err(); err != nil {

@@ -31,6 +31,10 @@ type spec struct {
 	table string
 	// message is the protobuf message type of the topic's values.
 	message string
+	// into is the table the rows are inserted into when it is not table
+	// (alerts: alerts_v2, see migration 0008; table stays the name in
+	// metrics and status).
+	into string
 	// columns are named in the INSERT, in the order rows hold values.
 	columns []string
 	// rows decodes one record value into rows. A decoding or validation
@@ -39,7 +43,23 @@ type spec struct {
 }
 
 func (s spec) insert() string {
-	return "INSERT INTO " + s.table + " (" + strings.Join(s.columns, ", ") + ")"
+	into := s.table
+	if s.into != "" {
+		into = s.into
+	}
+	return "INSERT INTO " + into + " (" + strings.Join(s.columns, ", ") + ")"
+}
+
+// tableAlertsV2 is the table alert rows go into since migration 0008
+// (alerts is a view of it).
+const tableAlertsV2 = "alerts_v2"
+
+// logicalTable maps a physical table to the sink's name for it.
+func logicalTable(physical string) string {
+	if physical == tableAlertsV2 {
+		return tableAlerts
+	}
+	return physical
 }
 
 var sampleColumns = []string{
@@ -66,6 +86,9 @@ var alertColumns = []string{
 	"event_id", "alert_id", "tenant", "patient", "type", "rule", "severity", "reason", "actor", "note",
 	"score_kind", "score_value", "score_band", "explanation", "ruleset", "ruleset_version", "ruleset_hash",
 	"event_time", "event_time_ms", "emitted_time_ms", "trigger_ingest_time_ms", "tier",
+	"rules_name", "rules_version", "rules_hash", "recheck_outcome", "source", "value", "raise_threshold",
+	"clear_threshold", "raised_event_time_ms", "location", "ward", "acknowledged_by", "acknowledged_time_ms",
+	"suppressed_until_ms", "max_tier", "escalate_after_ms", "command_id", "state", "row_version",
 }
 
 var deadLetterColumns = []string{
@@ -78,7 +101,7 @@ func specs() map[string]spec {
 		tableSamples:     {table: tableSamples, message: "vigil.v1.SampleBatch", columns: sampleColumns, rows: sampleRows},
 		tableFeatures:    {table: tableFeatures, message: "vigil.v1.FeatureWindow", columns: featureColumns, rows: featureRows},
 		tableScores:      {table: tableScores, message: "vigil.v1.Score", columns: scoreColumns, rows: scoreRows},
-		tableAlerts:      {table: tableAlerts, message: "vigil.v1.AlertEvent", columns: alertColumns, rows: alertRows},
+		tableAlerts:      {table: tableAlerts, into: tableAlertsV2, message: "vigil.v1.AlertEvent", columns: alertColumns, rows: alertRows},
 		tableDeadLetters: {table: tableDeadLetters, message: "vigil.v1.DeadLetter", columns: deadLetterColumns, rows: deadLetterRows},
 	}
 }
@@ -243,6 +266,10 @@ func alertRows(value []byte) ([][]any, error) {
 		a.GetActor(), a.GetNote(), sc.GetKind(), sc.GetValue(), sc.GetBand(), expl, a.GetRuleset(),
 		a.GetRulesetVersion(), a.GetRulesetHash(), et, a.GetEventTimeMs(), a.GetEmittedTimeMs(),
 		a.GetTriggerIngestTimeMs(), a.GetTier(),
+		a.GetRulesName(), a.GetRulesVersion(), a.GetRulesHash(), a.GetRecheckOutcome(), a.GetSource(), a.GetValue(),
+		a.GetRaiseThreshold(), a.GetClearThreshold(), a.GetRaisedEventTimeMs(), a.GetLocation(), a.GetWard(),
+		a.GetAcknowledgedBy(), a.GetAcknowledgedTimeMs(), a.GetSuppressedUntilMs(), a.GetMaxTier(), a.GetEscalateAfterMs(),
+		a.GetCommandId(), a.GetState(), uint8(1),
 	}}, nil
 }
 

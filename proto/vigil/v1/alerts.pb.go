@@ -124,7 +124,46 @@ type AlertEvent struct {
 	Location string `protobuf:"bytes,20,opt,name=location,proto3" json:"location,omitempty"`
 	// Ward: the point-of-care part of location (its first '^' component),
 	// empty when unknown. Alert burden is counted per ward.
-	Ward          string `protobuf:"bytes,21,opt,name=ward,proto3" json:"ward,omitempty"`
+	Ward string `protobuf:"bytes,21,opt,name=ward,proto3" json:"ward,omitempty"`
+	// The alert rules file that holds the rule: its name, version and
+	// sha256 (hex) of its bytes.
+	RulesName    string `protobuf:"bytes,22,opt,name=rules_name,json=rulesName,proto3" json:"rules_name,omitempty"`
+	RulesVersion string `protobuf:"bytes,23,opt,name=rules_version,json=rulesVersion,proto3" json:"rules_version,omitempty"`
+	RulesHash    string `protobuf:"bytes,24,opt,name=rules_hash,json=rulesHash,proto3" json:"rules_hash,omitempty"`
+	// Outcome of the re-check on RAISED and RECHECKED events: "confirmed" (a
+	// score within the re-check time confirmed the condition), "cleared" (it
+	// fell below the rule's clear threshold: re-checked away, never notified),
+	// "timeout" (no score within the re-check time: raised anyway); empty
+	// when the rule has no re-check.
+	RecheckOutcome string `protobuf:"bytes,25,opt,name=recheck_outcome,json=recheckOutcome,proto3" json:"recheck_outcome,omitempty"`
+	// What the rule read: "score:<kind>" or "feature:<metric>:<stat>", the
+	// value it read and its thresholds (raise at or beyond raise_threshold,
+	// clear beyond clear_threshold the other way).
+	Source         string  `protobuf:"bytes,26,opt,name=source,proto3" json:"source,omitempty"`
+	Value          float64 `protobuf:"fixed64,27,opt,name=value,proto3" json:"value,omitempty"`
+	RaiseThreshold float64 `protobuf:"fixed64,28,opt,name=raise_threshold,json=raiseThreshold,proto3" json:"raise_threshold,omitempty"`
+	ClearThreshold float64 `protobuf:"fixed64,29,opt,name=clear_threshold,json=clearThreshold,proto3" json:"clear_threshold,omitempty"`
+	// Event time the condition first held (the alert's start), Unix epoch ms.
+	RaisedEventTimeMs int64 `protobuf:"varint,30,opt,name=raised_event_time_ms,json=raisedEventTimeMs,proto3" json:"raised_event_time_ms,omitempty"`
+	// Acknowledgement: who and when (Unix epoch ms, the command's time), on
+	// the ACKNOWLEDGED event and every later event of the alert.
+	AcknowledgedBy     string `protobuf:"bytes,31,opt,name=acknowledged_by,json=acknowledgedBy,proto3" json:"acknowledged_by,omitempty"`
+	AcknowledgedTimeMs int64  `protobuf:"varint,32,opt,name=acknowledged_time_ms,json=acknowledgedTimeMs,proto3" json:"acknowledged_time_ms,omitempty"`
+	// Until when (Unix epoch ms, event time) re-raises of the rule are
+	// suppressed after the acknowledgement; on SUPPRESSED events and from
+	// the ACKNOWLEDGED event on.
+	SuppressedUntilMs int64 `protobuf:"varint,33,opt,name=suppressed_until_ms,json=suppressedUntilMs,proto3" json:"suppressed_until_ms,omitempty"`
+	// Highest escalation tier of the rule.
+	MaxTier uint32 `protobuf:"varint,34,opt,name=max_tier,json=maxTier,proto3" json:"max_tier,omitempty"`
+	// Unless acknowledged, the alert escalates this long (processing time)
+	// after it was raised or last escalated; 0 when it escalates no more
+	// (acknowledged, at max_tier, or a rule without escalation).
+	EscalateAfterMs int64 `protobuf:"varint,35,opt,name=escalate_after_ms,json=escalateAfterMs,proto3" json:"escalate_after_ms,omitempty"`
+	// Id of the acknowledgement command (the request that acknowledged).
+	CommandId string `protobuf:"bytes,36,opt,name=command_id,json=commandId,proto3" json:"command_id,omitempty"`
+	// State of the alert after this event: "open", "acknowledged",
+	// "resolved", "rechecked_away", "suppressed".
+	State         string `protobuf:"bytes,37,opt,name=state,proto3" json:"state,omitempty"` // Fields 38-39 are reserved for the alert lifecycle.
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -306,11 +345,123 @@ func (x *AlertEvent) GetWard() string {
 	return ""
 }
 
+func (x *AlertEvent) GetRulesName() string {
+	if x != nil {
+		return x.RulesName
+	}
+	return ""
+}
+
+func (x *AlertEvent) GetRulesVersion() string {
+	if x != nil {
+		return x.RulesVersion
+	}
+	return ""
+}
+
+func (x *AlertEvent) GetRulesHash() string {
+	if x != nil {
+		return x.RulesHash
+	}
+	return ""
+}
+
+func (x *AlertEvent) GetRecheckOutcome() string {
+	if x != nil {
+		return x.RecheckOutcome
+	}
+	return ""
+}
+
+func (x *AlertEvent) GetSource() string {
+	if x != nil {
+		return x.Source
+	}
+	return ""
+}
+
+func (x *AlertEvent) GetValue() float64 {
+	if x != nil {
+		return x.Value
+	}
+	return 0
+}
+
+func (x *AlertEvent) GetRaiseThreshold() float64 {
+	if x != nil {
+		return x.RaiseThreshold
+	}
+	return 0
+}
+
+func (x *AlertEvent) GetClearThreshold() float64 {
+	if x != nil {
+		return x.ClearThreshold
+	}
+	return 0
+}
+
+func (x *AlertEvent) GetRaisedEventTimeMs() int64 {
+	if x != nil {
+		return x.RaisedEventTimeMs
+	}
+	return 0
+}
+
+func (x *AlertEvent) GetAcknowledgedBy() string {
+	if x != nil {
+		return x.AcknowledgedBy
+	}
+	return ""
+}
+
+func (x *AlertEvent) GetAcknowledgedTimeMs() int64 {
+	if x != nil {
+		return x.AcknowledgedTimeMs
+	}
+	return 0
+}
+
+func (x *AlertEvent) GetSuppressedUntilMs() int64 {
+	if x != nil {
+		return x.SuppressedUntilMs
+	}
+	return 0
+}
+
+func (x *AlertEvent) GetMaxTier() uint32 {
+	if x != nil {
+		return x.MaxTier
+	}
+	return 0
+}
+
+func (x *AlertEvent) GetEscalateAfterMs() int64 {
+	if x != nil {
+		return x.EscalateAfterMs
+	}
+	return 0
+}
+
+func (x *AlertEvent) GetCommandId() string {
+	if x != nil {
+		return x.CommandId
+	}
+	return ""
+}
+
+func (x *AlertEvent) GetState() string {
+	if x != nil {
+		return x.State
+	}
+	return ""
+}
+
 var File_vigil_v1_alerts_proto protoreflect.FileDescriptor
 
 const file_vigil_v1_alerts_proto_rawDesc = "" +
 	"\n" +
-	"\x15vigil/v1/alerts.proto\x12\bvigil.v1\x1a\x15vigil/v1/scores.proto\"\x8d\x05\n" +
+	"\x15vigil/v1/alerts.proto\x12\bvigil.v1\x1a\x15vigil/v1/scores.proto\"\xd1\t\n" +
 	"\n" +
 	"AlertEvent\x12%\n" +
 	"\x0eschema_version\x18\x01 \x01(\rR\rschemaVersion\x12\x19\n" +
@@ -334,7 +485,26 @@ const file_vigil_v1_alerts_proto_rawDesc = "" +
 	"\x16trigger_ingest_time_ms\x18\x12 \x01(\x03R\x13triggerIngestTimeMs\x12\x12\n" +
 	"\x04tier\x18\x13 \x01(\rR\x04tier\x12\x1a\n" +
 	"\blocation\x18\x14 \x01(\tR\blocation\x12\x12\n" +
-	"\x04ward\x18\x15 \x01(\tR\x04ward*\xd4\x01\n" +
+	"\x04ward\x18\x15 \x01(\tR\x04ward\x12\x1d\n" +
+	"\n" +
+	"rules_name\x18\x16 \x01(\tR\trulesName\x12#\n" +
+	"\rrules_version\x18\x17 \x01(\tR\frulesVersion\x12\x1d\n" +
+	"\n" +
+	"rules_hash\x18\x18 \x01(\tR\trulesHash\x12'\n" +
+	"\x0frecheck_outcome\x18\x19 \x01(\tR\x0erecheckOutcome\x12\x16\n" +
+	"\x06source\x18\x1a \x01(\tR\x06source\x12\x14\n" +
+	"\x05value\x18\x1b \x01(\x01R\x05value\x12'\n" +
+	"\x0fraise_threshold\x18\x1c \x01(\x01R\x0eraiseThreshold\x12'\n" +
+	"\x0fclear_threshold\x18\x1d \x01(\x01R\x0eclearThreshold\x12/\n" +
+	"\x14raised_event_time_ms\x18\x1e \x01(\x03R\x11raisedEventTimeMs\x12'\n" +
+	"\x0facknowledged_by\x18\x1f \x01(\tR\x0eacknowledgedBy\x120\n" +
+	"\x14acknowledged_time_ms\x18  \x01(\x03R\x12acknowledgedTimeMs\x12.\n" +
+	"\x13suppressed_until_ms\x18! \x01(\x03R\x11suppressedUntilMs\x12\x19\n" +
+	"\bmax_tier\x18\" \x01(\rR\amaxTier\x12*\n" +
+	"\x11escalate_after_ms\x18# \x01(\x03R\x0fescalateAfterMs\x12\x1d\n" +
+	"\n" +
+	"command_id\x18$ \x01(\tR\tcommandId\x12\x14\n" +
+	"\x05state\x18% \x01(\tR\x05state*\xd4\x01\n" +
 	"\x0eAlertEventType\x12 \n" +
 	"\x1cALERT_EVENT_TYPE_UNSPECIFIED\x10\x00\x12\x16\n" +
 	"\x12ALERT_EVENT_RAISED\x10\x01\x12\x19\n" +

@@ -278,7 +278,11 @@ type SampleBatch struct {
 	MessageId string    `protobuf:"bytes,7,opt,name=message_id,json=messageId,proto3" json:"message_id,omitempty"`
 	Samples   []*Sample `protobuf:"bytes,8,rep,name=samples,proto3" json:"samples,omitempty"`
 	// Bed or location, when known (HL7 PV1-3).
-	Location      string `protobuf:"bytes,9,opt,name=location,proto3" json:"location,omitempty"`
+	Location string `protobuf:"bytes,9,opt,name=location,proto3" json:"location,omitempty"`
+	// An alert command (acknowledgement) instead of samples: a batch that
+	// carries one has no samples. Commands travel on the samples topic so
+	// that they are ordered, exactly once, with the patient's input.
+	AlertCommand  *AlertCommand `protobuf:"bytes,20,opt,name=alert_command,json=alertCommand,proto3" json:"alert_command,omitempty"` // Fields 21-24 are reserved for alert commands.
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -376,6 +380,95 @@ func (x *SampleBatch) GetLocation() string {
 	return ""
 }
 
+func (x *SampleBatch) GetAlertCommand() *AlertCommand {
+	if x != nil {
+		return x.AlertCommand
+	}
+	return nil
+}
+
+// AlertCommand is a user's action on an alert, published by the alerts API
+// (POST /v1/alerts/{id}/ack) inside a SampleBatch with no samples.
+type AlertCommand struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// Id of the alert acted on.
+	AlertId string `protobuf:"bytes,1,opt,name=alert_id,json=alertId,proto3" json:"alert_id,omitempty"`
+	// Who acts (required) and a free-text note.
+	User string `protobuf:"bytes,2,opt,name=user,proto3" json:"user,omitempty"`
+	Note string `protobuf:"bytes,3,opt,name=note,proto3" json:"note,omitempty"`
+	// When the user acted, Unix epoch ms (the API's clock).
+	TimeMs int64 `protobuf:"varint,4,opt,name=time_ms,json=timeMs,proto3" json:"time_ms,omitempty"`
+	// Unique id of the command (the API request).
+	CommandId     string `protobuf:"bytes,5,opt,name=command_id,json=commandId,proto3" json:"command_id,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *AlertCommand) Reset() {
+	*x = AlertCommand{}
+	mi := &file_vigil_v1_samples_proto_msgTypes[2]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *AlertCommand) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*AlertCommand) ProtoMessage() {}
+
+func (x *AlertCommand) ProtoReflect() protoreflect.Message {
+	mi := &file_vigil_v1_samples_proto_msgTypes[2]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use AlertCommand.ProtoReflect.Descriptor instead.
+func (*AlertCommand) Descriptor() ([]byte, []int) {
+	return file_vigil_v1_samples_proto_rawDescGZIP(), []int{2}
+}
+
+func (x *AlertCommand) GetAlertId() string {
+	if x != nil {
+		return x.AlertId
+	}
+	return ""
+}
+
+func (x *AlertCommand) GetUser() string {
+	if x != nil {
+		return x.User
+	}
+	return ""
+}
+
+func (x *AlertCommand) GetNote() string {
+	if x != nil {
+		return x.Note
+	}
+	return ""
+}
+
+func (x *AlertCommand) GetTimeMs() int64 {
+	if x != nil {
+		return x.TimeMs
+	}
+	return 0
+}
+
+func (x *AlertCommand) GetCommandId() string {
+	if x != nil {
+		return x.CommandId
+	}
+	return ""
+}
+
 var File_vigil_v1_samples_proto protoreflect.FileDescriptor
 
 const file_vigil_v1_samples_proto_rawDesc = "" +
@@ -390,7 +483,7 @@ const file_vigil_v1_samples_proto_rawDesc = "" +
 	"\aquality\x18\x06 \x01(\rR\aquality\x12\x1f\n" +
 	"\vsource_code\x18\a \x01(\tR\n" +
 	"sourceCode\x12\x18\n" +
-	"\achannel\x18\b \x01(\tR\achannel\"\xb5\x02\n" +
+	"\achannel\x18\b \x01(\tR\achannel\"\xf2\x02\n" +
 	"\vSampleBatch\x12%\n" +
 	"\x0eschema_version\x18\x01 \x01(\rR\rschemaVersion\x12\x16\n" +
 	"\x06tenant\x18\x02 \x01(\tR\x06tenant\x12\x18\n" +
@@ -401,7 +494,15 @@ const file_vigil_v1_samples_proto_rawDesc = "" +
 	"\n" +
 	"message_id\x18\a \x01(\tR\tmessageId\x12*\n" +
 	"\asamples\x18\b \x03(\v2\x10.vigil.v1.SampleR\asamples\x12\x1a\n" +
-	"\blocation\x18\t \x01(\tR\blocation*\x8d\x01\n" +
+	"\blocation\x18\t \x01(\tR\blocation\x12;\n" +
+	"\ralert_command\x18\x14 \x01(\v2\x16.vigil.v1.AlertCommandR\falertCommand\"\x89\x01\n" +
+	"\fAlertCommand\x12\x19\n" +
+	"\balert_id\x18\x01 \x01(\tR\aalertId\x12\x12\n" +
+	"\x04user\x18\x02 \x01(\tR\x04user\x12\x12\n" +
+	"\x04note\x18\x03 \x01(\tR\x04note\x12\x17\n" +
+	"\atime_ms\x18\x04 \x01(\x03R\x06timeMs\x12\x1d\n" +
+	"\n" +
+	"command_id\x18\x05 \x01(\tR\tcommandId*\x8d\x01\n" +
 	"\x06Source\x12\x16\n" +
 	"\x12SOURCE_UNSPECIFIED\x10\x00\x12\x0f\n" +
 	"\vSOURCE_HTTP\x10\x01\x12\x0f\n" +
@@ -432,21 +533,23 @@ func file_vigil_v1_samples_proto_rawDescGZIP() []byte {
 }
 
 var file_vigil_v1_samples_proto_enumTypes = make([]protoimpl.EnumInfo, 2)
-var file_vigil_v1_samples_proto_msgTypes = make([]protoimpl.MessageInfo, 2)
+var file_vigil_v1_samples_proto_msgTypes = make([]protoimpl.MessageInfo, 3)
 var file_vigil_v1_samples_proto_goTypes = []any{
-	(Source)(0),         // 0: vigil.v1.Source
-	(QualityFlag)(0),    // 1: vigil.v1.QualityFlag
-	(*Sample)(nil),      // 2: vigil.v1.Sample
-	(*SampleBatch)(nil), // 3: vigil.v1.SampleBatch
+	(Source)(0),          // 0: vigil.v1.Source
+	(QualityFlag)(0),     // 1: vigil.v1.QualityFlag
+	(*Sample)(nil),       // 2: vigil.v1.Sample
+	(*SampleBatch)(nil),  // 3: vigil.v1.SampleBatch
+	(*AlertCommand)(nil), // 4: vigil.v1.AlertCommand
 }
 var file_vigil_v1_samples_proto_depIdxs = []int32{
 	0, // 0: vigil.v1.SampleBatch.source:type_name -> vigil.v1.Source
 	2, // 1: vigil.v1.SampleBatch.samples:type_name -> vigil.v1.Sample
-	2, // [2:2] is the sub-list for method output_type
-	2, // [2:2] is the sub-list for method input_type
-	2, // [2:2] is the sub-list for extension type_name
-	2, // [2:2] is the sub-list for extension extendee
-	0, // [0:2] is the sub-list for field type_name
+	4, // 2: vigil.v1.SampleBatch.alert_command:type_name -> vigil.v1.AlertCommand
+	3, // [3:3] is the sub-list for method output_type
+	3, // [3:3] is the sub-list for method input_type
+	3, // [3:3] is the sub-list for extension type_name
+	3, // [3:3] is the sub-list for extension extendee
+	0, // [0:3] is the sub-list for field type_name
 }
 
 func init() { file_vigil_v1_samples_proto_init() }
@@ -460,7 +563,7 @@ func file_vigil_v1_samples_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_vigil_v1_samples_proto_rawDesc), len(file_vigil_v1_samples_proto_rawDesc)),
 			NumEnums:      2,
-			NumMessages:   2,
+			NumMessages:   3,
 			NumExtensions: 0,
 			NumServices:   0,
 		},

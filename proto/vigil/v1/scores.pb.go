@@ -39,9 +39,13 @@ type ScoreComponent struct {
 	// True when the input was older than the parameter's staleness limit.
 	Stale bool `protobuf:"varint,8,opt,name=stale,proto3" json:"stale,omitempty"`
 	// Text of the band the input fell in (e.g. "21-24").
-	Band          string `protobuf:"bytes,9,opt,name=band,proto3" json:"band,omitempty"`
-	unknownFields protoimpl.UnknownFields
-	sizeCache     protoimpl.SizeCache
+	Band string `protobuf:"bytes,9,opt,name=band,proto3" json:"band,omitempty"`
+	// Baseline scores (detectors/baseline): the patient's rolling median and
+	// MAD of the metric the input is scored against (points is its robust z).
+	BaselineMedian float64 `protobuf:"fixed64,30,opt,name=baseline_median,json=baselineMedian,proto3" json:"baseline_median,omitempty"`
+	BaselineMad    float64 `protobuf:"fixed64,31,opt,name=baseline_mad,json=baselineMad,proto3" json:"baseline_mad,omitempty"`
+	unknownFields  protoimpl.UnknownFields
+	sizeCache      protoimpl.SizeCache
 }
 
 func (x *ScoreComponent) Reset() {
@@ -137,6 +141,20 @@ func (x *ScoreComponent) GetBand() string {
 	return ""
 }
 
+func (x *ScoreComponent) GetBaselineMedian() float64 {
+	if x != nil {
+		return x.BaselineMedian
+	}
+	return 0
+}
+
+func (x *ScoreComponent) GetBaselineMad() float64 {
+	if x != nil {
+		return x.BaselineMad
+	}
+	return 0
+}
+
 // Score is the value of topic vigil.scores.v1, keyed "<tenant>/<patient>".
 type Score struct {
 	state         protoimpl.MessageState `protogen:"open.v1"`
@@ -166,8 +184,11 @@ type Score struct {
 	EmittedTimeMs      int64 `protobuf:"varint,16,opt,name=emitted_time_ms,json=emittedTimeMs,proto3" json:"emitted_time_ms,omitempty"`
 	// Top contributing inputs, most first (parameter names).
 	TopContributors []string `protobuf:"bytes,17,rep,name=top_contributors,json=topContributors,proto3" json:"top_contributors,omitempty"`
-	unknownFields   protoimpl.UnknownFields
-	sizeCache       protoimpl.SizeCache
+	// Baseline scores: the slow-drift state of each metric whose drift
+	// reference is established.
+	BaselineDrifts []*BaselineDrift `protobuf:"bytes,30,rep,name=baseline_drifts,json=baselineDrifts,proto3" json:"baseline_drifts,omitempty"`
+	unknownFields  protoimpl.UnknownFields
+	sizeCache      protoimpl.SizeCache
 }
 
 func (x *Score) Reset() {
@@ -319,11 +340,149 @@ func (x *Score) GetTopContributors() []string {
 	return nil
 }
 
+func (x *Score) GetBaselineDrifts() []*BaselineDrift {
+	if x != nil {
+		return x.BaselineDrifts
+	}
+	return nil
+}
+
+// BaselineDrift is the slow-drift state of one metric of one patient
+// (detectors/baseline): EWMA and two-sided CUSUM of its daily means against
+// the patient's reference.
+type BaselineDrift struct {
+	state  protoimpl.MessageState `protogen:"open.v1"`
+	Metric string                 `protobuf:"bytes,1,opt,name=metric,proto3" json:"metric,omitempty"`
+	// "up", "down", or empty when not drifting.
+	Direction string `protobuf:"bytes,2,opt,name=direction,proto3" json:"direction,omitempty"`
+	// Start of the day the drift began (the CUSUM left 0), Unix epoch ms.
+	SinceMs int64 `protobuf:"varint,3,opt,name=since_ms,json=sinceMs,proto3" json:"since_ms,omitempty"`
+	// End of the day whose mean made the CUSUM cross h, Unix epoch ms.
+	DetectedMs    int64   `protobuf:"varint,4,opt,name=detected_ms,json=detectedMs,proto3" json:"detected_ms,omitempty"`
+	Ewma          float64 `protobuf:"fixed64,5,opt,name=ewma,proto3" json:"ewma,omitempty"`
+	CusumUp       float64 `protobuf:"fixed64,6,opt,name=cusum_up,json=cusumUp,proto3" json:"cusum_up,omitempty"`
+	CusumDown     float64 `protobuf:"fixed64,7,opt,name=cusum_down,json=cusumDown,proto3" json:"cusum_down,omitempty"`
+	ReferenceMean float64 `protobuf:"fixed64,8,opt,name=reference_mean,json=referenceMean,proto3" json:"reference_mean,omitempty"`
+	ReferenceSd   float64 `protobuf:"fixed64,9,opt,name=reference_sd,json=referenceSd,proto3" json:"reference_sd,omitempty"`
+	LastDailyMean float64 `protobuf:"fixed64,10,opt,name=last_daily_mean,json=lastDailyMean,proto3" json:"last_daily_mean,omitempty"`
+	// Days evaluated after the reference.
+	Days          uint32 `protobuf:"varint,11,opt,name=days,proto3" json:"days,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *BaselineDrift) Reset() {
+	*x = BaselineDrift{}
+	mi := &file_vigil_v1_scores_proto_msgTypes[2]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *BaselineDrift) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*BaselineDrift) ProtoMessage() {}
+
+func (x *BaselineDrift) ProtoReflect() protoreflect.Message {
+	mi := &file_vigil_v1_scores_proto_msgTypes[2]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use BaselineDrift.ProtoReflect.Descriptor instead.
+func (*BaselineDrift) Descriptor() ([]byte, []int) {
+	return file_vigil_v1_scores_proto_rawDescGZIP(), []int{2}
+}
+
+func (x *BaselineDrift) GetMetric() string {
+	if x != nil {
+		return x.Metric
+	}
+	return ""
+}
+
+func (x *BaselineDrift) GetDirection() string {
+	if x != nil {
+		return x.Direction
+	}
+	return ""
+}
+
+func (x *BaselineDrift) GetSinceMs() int64 {
+	if x != nil {
+		return x.SinceMs
+	}
+	return 0
+}
+
+func (x *BaselineDrift) GetDetectedMs() int64 {
+	if x != nil {
+		return x.DetectedMs
+	}
+	return 0
+}
+
+func (x *BaselineDrift) GetEwma() float64 {
+	if x != nil {
+		return x.Ewma
+	}
+	return 0
+}
+
+func (x *BaselineDrift) GetCusumUp() float64 {
+	if x != nil {
+		return x.CusumUp
+	}
+	return 0
+}
+
+func (x *BaselineDrift) GetCusumDown() float64 {
+	if x != nil {
+		return x.CusumDown
+	}
+	return 0
+}
+
+func (x *BaselineDrift) GetReferenceMean() float64 {
+	if x != nil {
+		return x.ReferenceMean
+	}
+	return 0
+}
+
+func (x *BaselineDrift) GetReferenceSd() float64 {
+	if x != nil {
+		return x.ReferenceSd
+	}
+	return 0
+}
+
+func (x *BaselineDrift) GetLastDailyMean() float64 {
+	if x != nil {
+		return x.LastDailyMean
+	}
+	return 0
+}
+
+func (x *BaselineDrift) GetDays() uint32 {
+	if x != nil {
+		return x.Days
+	}
+	return 0
+}
+
 var File_vigil_v1_scores_proto protoreflect.FileDescriptor
 
 const file_vigil_v1_scores_proto_rawDesc = "" +
 	"\n" +
-	"\x15vigil/v1/scores.proto\x12\bvigil.v1\"\x86\x02\n" +
+	"\x15vigil/v1/scores.proto\x12\bvigil.v1\"\xd2\x02\n" +
 	"\x0eScoreComponent\x12\x1c\n" +
 	"\tparameter\x18\x01 \x01(\tR\tparameter\x12\x16\n" +
 	"\x06metric\x18\x02 \x01(\tR\x06metric\x12\x1f\n" +
@@ -335,7 +494,9 @@ const file_vigil_v1_scores_proto_rawDesc = "" +
 	"\x06points\x18\x06 \x01(\x01R\x06points\x12\x18\n" +
 	"\amissing\x18\a \x01(\bR\amissing\x12\x14\n" +
 	"\x05stale\x18\b \x01(\bR\x05stale\x12\x12\n" +
-	"\x04band\x18\t \x01(\tR\x04band\"\xa7\x04\n" +
+	"\x04band\x18\t \x01(\tR\x04band\x12'\n" +
+	"\x0fbaseline_median\x18\x1e \x01(\x01R\x0ebaselineMedian\x12!\n" +
+	"\fbaseline_mad\x18\x1f \x01(\x01R\vbaselineMad\"\xe9\x04\n" +
 	"\x05Score\x12%\n" +
 	"\x0eschema_version\x18\x01 \x01(\rR\rschemaVersion\x12\x0e\n" +
 	"\x02id\x18\x02 \x01(\tR\x02id\x12\x16\n" +
@@ -356,7 +517,23 @@ const file_vigil_v1_scores_proto_rawDesc = "" +
 	"\x05stale\x18\x0e \x03(\tR\x05stale\x120\n" +
 	"\x14single_parameter_red\x18\x0f \x01(\bR\x12singleParameterRed\x12&\n" +
 	"\x0femitted_time_ms\x18\x10 \x01(\x03R\remittedTimeMs\x12)\n" +
-	"\x10top_contributors\x18\x11 \x03(\tR\x0ftopContributorsB5Z3github.com/vigilhealth/vigil/proto/vigil/v1;vigilv1b\x06proto3"
+	"\x10top_contributors\x18\x11 \x03(\tR\x0ftopContributors\x12@\n" +
+	"\x0fbaseline_drifts\x18\x1e \x03(\v2\x17.vigil.v1.BaselineDriftR\x0ebaselineDrifts\"\xd5\x02\n" +
+	"\rBaselineDrift\x12\x16\n" +
+	"\x06metric\x18\x01 \x01(\tR\x06metric\x12\x1c\n" +
+	"\tdirection\x18\x02 \x01(\tR\tdirection\x12\x19\n" +
+	"\bsince_ms\x18\x03 \x01(\x03R\asinceMs\x12\x1f\n" +
+	"\vdetected_ms\x18\x04 \x01(\x03R\n" +
+	"detectedMs\x12\x12\n" +
+	"\x04ewma\x18\x05 \x01(\x01R\x04ewma\x12\x19\n" +
+	"\bcusum_up\x18\x06 \x01(\x01R\acusumUp\x12\x1d\n" +
+	"\n" +
+	"cusum_down\x18\a \x01(\x01R\tcusumDown\x12%\n" +
+	"\x0ereference_mean\x18\b \x01(\x01R\rreferenceMean\x12!\n" +
+	"\freference_sd\x18\t \x01(\x01R\vreferenceSd\x12&\n" +
+	"\x0flast_daily_mean\x18\n" +
+	" \x01(\x01R\rlastDailyMean\x12\x12\n" +
+	"\x04days\x18\v \x01(\rR\x04daysB5Z3github.com/vigilhealth/vigil/proto/vigil/v1;vigilv1b\x06proto3"
 
 var (
 	file_vigil_v1_scores_proto_rawDescOnce sync.Once
@@ -370,18 +547,20 @@ func file_vigil_v1_scores_proto_rawDescGZIP() []byte {
 	return file_vigil_v1_scores_proto_rawDescData
 }
 
-var file_vigil_v1_scores_proto_msgTypes = make([]protoimpl.MessageInfo, 2)
+var file_vigil_v1_scores_proto_msgTypes = make([]protoimpl.MessageInfo, 3)
 var file_vigil_v1_scores_proto_goTypes = []any{
 	(*ScoreComponent)(nil), // 0: vigil.v1.ScoreComponent
 	(*Score)(nil),          // 1: vigil.v1.Score
+	(*BaselineDrift)(nil),  // 2: vigil.v1.BaselineDrift
 }
 var file_vigil_v1_scores_proto_depIdxs = []int32{
 	0, // 0: vigil.v1.Score.components:type_name -> vigil.v1.ScoreComponent
-	1, // [1:1] is the sub-list for method output_type
-	1, // [1:1] is the sub-list for method input_type
-	1, // [1:1] is the sub-list for extension type_name
-	1, // [1:1] is the sub-list for extension extendee
-	0, // [0:1] is the sub-list for field type_name
+	2, // 1: vigil.v1.Score.baseline_drifts:type_name -> vigil.v1.BaselineDrift
+	2, // [2:2] is the sub-list for method output_type
+	2, // [2:2] is the sub-list for method input_type
+	2, // [2:2] is the sub-list for extension type_name
+	2, // [2:2] is the sub-list for extension extendee
+	0, // [0:2] is the sub-list for field type_name
 }
 
 func init() { file_vigil_v1_scores_proto_init() }
@@ -395,7 +574,7 @@ func file_vigil_v1_scores_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_vigil_v1_scores_proto_rawDesc), len(file_vigil_v1_scores_proto_rawDesc)),
 			NumEnums:      0,
-			NumMessages:   2,
+			NumMessages:   3,
 			NumExtensions: 0,
 			NumServices:   0,
 		},

@@ -406,6 +406,27 @@ type PatientState struct {
 	// at or below it is reflected in the partition's written states, so the
 	// replay of a restore starts after it.
 	AppliedOffset int64 `protobuf:"varint,18,opt,name=applied_offset,json=appliedOffset,proto3" json:"applied_offset,omitempty"`
+	// Per score kind (detectors.scores tables: news2, mews, qsofa), the
+	// window-aligned event times (above the watermark) at which a change
+	// score of that kind was already emitted: that kind's window-end score
+	// for such a time is not emitted again. Sorted by kind; replaces
+	// boundary_score_times_ms, which older states hold for news2 alone.
+	ScoreBoundaryTimes []*ScoreBoundaryTimes `protobuf:"bytes,20,rep,name=score_boundary_times,json=scoreBoundaryTimes,proto3" json:"score_boundary_times,omitempty"`
+	// Fields 21-29 are reserved for the scores.
+	// Alert lifecycle state (detectors/alerting), one entry per rule with an
+	// episode in progress (pending re-check, open, suppressed) or a
+	// suppression window still running; sorted by rule. Replaces alerts and
+	// open_alerts, which stay filled for readers of the old schema.
+	AlertTracks []*AlertTrack `protobuf:"bytes,30,rep,name=alert_tracks,json=alertTracks,proto3" json:"alert_tracks,omitempty"`
+	// The patient's newest SampleBatch.location (bed), for alert events.
+	Location string `protobuf:"bytes,31,opt,name=location,proto3" json:"location,omitempty"`
+	// Fields 32-39 are reserved for the alert lifecycle.
+	// Per-patient baselines and drift (detectors/baseline).
+	Baseline *BaselineState `protobuf:"bytes,40,opt,name=baseline,proto3" json:"baseline,omitempty"`
+	// Inputs of the ONNX model sources (detectors/model, stream/models.go):
+	// first-sample time, observation counts and the change digest. Fields
+	// 50-59 are reserved for model serving.
+	ModelInputs   *ModelInputState `protobuf:"bytes,50,opt,name=model_inputs,json=modelInputs,proto3" json:"model_inputs,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -566,6 +587,94 @@ func (x *PatientState) GetAppliedOffset() int64 {
 	return 0
 }
 
+func (x *PatientState) GetScoreBoundaryTimes() []*ScoreBoundaryTimes {
+	if x != nil {
+		return x.ScoreBoundaryTimes
+	}
+	return nil
+}
+
+func (x *PatientState) GetAlertTracks() []*AlertTrack {
+	if x != nil {
+		return x.AlertTracks
+	}
+	return nil
+}
+
+func (x *PatientState) GetLocation() string {
+	if x != nil {
+		return x.Location
+	}
+	return ""
+}
+
+func (x *PatientState) GetBaseline() *BaselineState {
+	if x != nil {
+		return x.Baseline
+	}
+	return nil
+}
+
+func (x *PatientState) GetModelInputs() *ModelInputState {
+	if x != nil {
+		return x.ModelInputs
+	}
+	return nil
+}
+
+// ScoreBoundaryTimes is one score kind's change-score times at window ends.
+type ScoreBoundaryTimes struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Kind          string                 `protobuf:"bytes,1,opt,name=kind,proto3" json:"kind,omitempty"`
+	TimesMs       []int64                `protobuf:"varint,2,rep,packed,name=times_ms,json=timesMs,proto3" json:"times_ms,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *ScoreBoundaryTimes) Reset() {
+	*x = ScoreBoundaryTimes{}
+	mi := &file_vigil_v1_state_proto_msgTypes[4]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ScoreBoundaryTimes) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ScoreBoundaryTimes) ProtoMessage() {}
+
+func (x *ScoreBoundaryTimes) ProtoReflect() protoreflect.Message {
+	mi := &file_vigil_v1_state_proto_msgTypes[4]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ScoreBoundaryTimes.ProtoReflect.Descriptor instead.
+func (*ScoreBoundaryTimes) Descriptor() ([]byte, []int) {
+	return file_vigil_v1_state_proto_rawDescGZIP(), []int{4}
+}
+
+func (x *ScoreBoundaryTimes) GetKind() string {
+	if x != nil {
+		return x.Kind
+	}
+	return ""
+}
+
+func (x *ScoreBoundaryTimes) GetTimesMs() []int64 {
+	if x != nil {
+		return x.TimesMs
+	}
+	return nil
+}
+
 // WindowPane is the aggregate of one metric over one pane (the greatest
 // common divisor of the window spec's sizes and steps) or one open session.
 // Values are kept as integer keys at the metric's resolution
@@ -596,7 +705,7 @@ type WindowPane struct {
 
 func (x *WindowPane) Reset() {
 	*x = WindowPane{}
-	mi := &file_vigil_v1_state_proto_msgTypes[4]
+	mi := &file_vigil_v1_state_proto_msgTypes[5]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -608,7 +717,7 @@ func (x *WindowPane) String() string {
 func (*WindowPane) ProtoMessage() {}
 
 func (x *WindowPane) ProtoReflect() protoreflect.Message {
-	mi := &file_vigil_v1_state_proto_msgTypes[4]
+	mi := &file_vigil_v1_state_proto_msgTypes[5]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -621,7 +730,7 @@ func (x *WindowPane) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use WindowPane.ProtoReflect.Descriptor instead.
 func (*WindowPane) Descriptor() ([]byte, []int) {
-	return file_vigil_v1_state_proto_rawDescGZIP(), []int{4}
+	return file_vigil_v1_state_proto_rawDescGZIP(), []int{5}
 }
 
 func (x *WindowPane) GetStartMs() int64 {
@@ -733,7 +842,7 @@ type TimedValue struct {
 
 func (x *TimedValue) Reset() {
 	*x = TimedValue{}
-	mi := &file_vigil_v1_state_proto_msgTypes[5]
+	mi := &file_vigil_v1_state_proto_msgTypes[6]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -745,7 +854,7 @@ func (x *TimedValue) String() string {
 func (*TimedValue) ProtoMessage() {}
 
 func (x *TimedValue) ProtoReflect() protoreflect.Message {
-	mi := &file_vigil_v1_state_proto_msgTypes[5]
+	mi := &file_vigil_v1_state_proto_msgTypes[6]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -758,7 +867,7 @@ func (x *TimedValue) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use TimedValue.ProtoReflect.Descriptor instead.
 func (*TimedValue) Descriptor() ([]byte, []int) {
-	return file_vigil_v1_state_proto_rawDescGZIP(), []int{5}
+	return file_vigil_v1_state_proto_rawDescGZIP(), []int{6}
 }
 
 func (x *TimedValue) GetTimeMs() int64 {
@@ -794,7 +903,7 @@ type DesatState struct {
 
 func (x *DesatState) Reset() {
 	*x = DesatState{}
-	mi := &file_vigil_v1_state_proto_msgTypes[6]
+	mi := &file_vigil_v1_state_proto_msgTypes[7]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -806,7 +915,7 @@ func (x *DesatState) String() string {
 func (*DesatState) ProtoMessage() {}
 
 func (x *DesatState) ProtoReflect() protoreflect.Message {
-	mi := &file_vigil_v1_state_proto_msgTypes[6]
+	mi := &file_vigil_v1_state_proto_msgTypes[7]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -819,7 +928,7 @@ func (x *DesatState) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use DesatState.ProtoReflect.Descriptor instead.
 func (*DesatState) Descriptor() ([]byte, []int) {
-	return file_vigil_v1_state_proto_rawDescGZIP(), []int{6}
+	return file_vigil_v1_state_proto_rawDescGZIP(), []int{7}
 }
 
 func (x *DesatState) GetPending() []*TimedValue {
@@ -901,7 +1010,7 @@ type WindowSeries struct {
 
 func (x *WindowSeries) Reset() {
 	*x = WindowSeries{}
-	mi := &file_vigil_v1_state_proto_msgTypes[7]
+	mi := &file_vigil_v1_state_proto_msgTypes[8]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -913,7 +1022,7 @@ func (x *WindowSeries) String() string {
 func (*WindowSeries) ProtoMessage() {}
 
 func (x *WindowSeries) ProtoReflect() protoreflect.Message {
-	mi := &file_vigil_v1_state_proto_msgTypes[7]
+	mi := &file_vigil_v1_state_proto_msgTypes[8]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -926,7 +1035,7 @@ func (x *WindowSeries) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use WindowSeries.ProtoReflect.Descriptor instead.
 func (*WindowSeries) Descriptor() ([]byte, []int) {
-	return file_vigil_v1_state_proto_rawDescGZIP(), []int{7}
+	return file_vigil_v1_state_proto_rawDescGZIP(), []int{8}
 }
 
 func (x *WindowSeries) GetMetric() string {
@@ -976,7 +1085,7 @@ type WindowCorrection struct {
 
 func (x *WindowCorrection) Reset() {
 	*x = WindowCorrection{}
-	mi := &file_vigil_v1_state_proto_msgTypes[8]
+	mi := &file_vigil_v1_state_proto_msgTypes[9]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -988,7 +1097,7 @@ func (x *WindowCorrection) String() string {
 func (*WindowCorrection) ProtoMessage() {}
 
 func (x *WindowCorrection) ProtoReflect() protoreflect.Message {
-	mi := &file_vigil_v1_state_proto_msgTypes[8]
+	mi := &file_vigil_v1_state_proto_msgTypes[9]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1001,7 +1110,7 @@ func (x *WindowCorrection) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use WindowCorrection.ProtoReflect.Descriptor instead.
 func (*WindowCorrection) Descriptor() ([]byte, []int) {
-	return file_vigil_v1_state_proto_rawDescGZIP(), []int{8}
+	return file_vigil_v1_state_proto_rawDescGZIP(), []int{9}
 }
 
 func (x *WindowCorrection) GetWindow() string {
@@ -1021,6 +1130,636 @@ func (x *WindowCorrection) GetEndMs() int64 {
 func (x *WindowCorrection) GetVersion() uint32 {
 	if x != nil {
 		return x.Version
+	}
+	return 0
+}
+
+// BaselineState is a patient's baselines (detectors/baseline).
+type BaselineState struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// One per metric that has values, sorted by metric.
+	Series []*BaselineSeries `protobuf:"bytes,1,rep,name=series,proto3" json:"series,omitempty"`
+	// Band of the last emitted "baseline" score ("warming_up" before any).
+	EmittedBand   string `protobuf:"bytes,2,opt,name=emitted_band,json=emittedBand,proto3" json:"emitted_band,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *BaselineState) Reset() {
+	*x = BaselineState{}
+	mi := &file_vigil_v1_state_proto_msgTypes[10]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *BaselineState) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*BaselineState) ProtoMessage() {}
+
+func (x *BaselineState) ProtoReflect() protoreflect.Message {
+	mi := &file_vigil_v1_state_proto_msgTypes[10]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use BaselineState.ProtoReflect.Descriptor instead.
+func (*BaselineState) Descriptor() ([]byte, []int) {
+	return file_vigil_v1_state_proto_rawDescGZIP(), []int{10}
+}
+
+func (x *BaselineState) GetSeries() []*BaselineSeries {
+	if x != nil {
+		return x.Series
+	}
+	return nil
+}
+
+func (x *BaselineState) GetEmittedBand() string {
+	if x != nil {
+		return x.EmittedBand
+	}
+	return ""
+}
+
+// BaselineSeries is one metric's rolling baseline and drift detector.
+type BaselineSeries struct {
+	state  protoimpl.MessageState `protogen:"open.v1"`
+	Metric string                 `protobuf:"bytes,1,opt,name=metric,proto3" json:"metric,omitempty"`
+	// Ring of closed buckets: bucket j (event time / step) in slot j % size,
+	// its median and value count (0: empty). Empty until a bucket closed.
+	BucketMedians []float32 `protobuf:"fixed32,2,rep,packed,name=bucket_medians,json=bucketMedians,proto3" json:"bucket_medians,omitempty"`
+	BucketCounts  []byte    `protobuf:"bytes,3,opt,name=bucket_counts,json=bucketCounts,proto3" json:"bucket_counts,omitempty"`
+	// The open bucket's index and values.
+	OpenBucket int64     `protobuf:"varint,4,opt,name=open_bucket,json=openBucket,proto3" json:"open_bucket,omitempty"`
+	OpenValues []float32 `protobuf:"fixed32,5,rep,packed,name=open_values,json=openValues,proto3" json:"open_values,omitempty"`
+	Started    bool      `protobuf:"varint,6,opt,name=started,proto3" json:"started,omitempty"`
+	// Newest value, its window start, z and band (detectors/baseline.Band).
+	LastValue  float64 `protobuf:"fixed64,7,opt,name=last_value,json=lastValue,proto3" json:"last_value,omitempty"`
+	LastTimeMs int64   `protobuf:"varint,8,opt,name=last_time_ms,json=lastTimeMs,proto3" json:"last_time_ms,omitempty"`
+	Z          float64 `protobuf:"fixed64,9,opt,name=z,proto3" json:"z,omitempty"`
+	Band       int32   `protobuf:"varint,10,opt,name=band,proto3" json:"band,omitempty"`
+	// The current day (event time / 1 day) and its running sum and count.
+	Day      int64   `protobuf:"varint,11,opt,name=day,proto3" json:"day,omitempty"`
+	DaySum   float64 `protobuf:"fixed64,12,opt,name=day_sum,json=daySum,proto3" json:"day_sum,omitempty"`
+	DayCount uint32  `protobuf:"varint,13,opt,name=day_count,json=dayCount,proto3" json:"day_count,omitempty"`
+	// Reference: daily means counted, Welford mean and M2, SD, established.
+	ReferenceCount   uint32  `protobuf:"varint,14,opt,name=reference_count,json=referenceCount,proto3" json:"reference_count,omitempty"`
+	ReferenceMean    float64 `protobuf:"fixed64,15,opt,name=reference_mean,json=referenceMean,proto3" json:"reference_mean,omitempty"`
+	ReferenceM2      float64 `protobuf:"fixed64,16,opt,name=reference_m2,json=referenceM2,proto3" json:"reference_m2,omitempty"`
+	ReferenceSd      float64 `protobuf:"fixed64,17,opt,name=reference_sd,json=referenceSd,proto3" json:"reference_sd,omitempty"`
+	ReferenceReady   bool    `protobuf:"varint,18,opt,name=reference_ready,json=referenceReady,proto3" json:"reference_ready,omitempty"`
+	Ewma             float64 `protobuf:"fixed64,19,opt,name=ewma,proto3" json:"ewma,omitempty"`
+	CusumUp          float64 `protobuf:"fixed64,20,opt,name=cusum_up,json=cusumUp,proto3" json:"cusum_up,omitempty"`
+	CusumDown        float64 `protobuf:"fixed64,21,opt,name=cusum_down,json=cusumDown,proto3" json:"cusum_down,omitempty"`
+	CusumUpStartMs   int64   `protobuf:"varint,22,opt,name=cusum_up_start_ms,json=cusumUpStartMs,proto3" json:"cusum_up_start_ms,omitempty"`
+	CusumDownStartMs int64   `protobuf:"varint,23,opt,name=cusum_down_start_ms,json=cusumDownStartMs,proto3" json:"cusum_down_start_ms,omitempty"`
+	LastDailyMean    float64 `protobuf:"fixed64,24,opt,name=last_daily_mean,json=lastDailyMean,proto3" json:"last_daily_mean,omitempty"`
+	Days             uint32  `protobuf:"varint,25,opt,name=days,proto3" json:"days,omitempty"`
+	DriftDirection   int32   `protobuf:"varint,26,opt,name=drift_direction,json=driftDirection,proto3" json:"drift_direction,omitempty"`
+	DriftSinceMs     int64   `protobuf:"varint,27,opt,name=drift_since_ms,json=driftSinceMs,proto3" json:"drift_since_ms,omitempty"`
+	DriftDetectedMs  int64   `protobuf:"varint,28,opt,name=drift_detected_ms,json=driftDetectedMs,proto3" json:"drift_detected_ms,omitempty"`
+	// Drift direction of the last emitted score.
+	EmittedDirection int32 `protobuf:"varint,29,opt,name=emitted_direction,json=emittedDirection,proto3" json:"emitted_direction,omitempty"`
+	// The newest values (oldest first), whose median is scored.
+	Recent        []float32 `protobuf:"fixed32,30,rep,packed,name=recent,proto3" json:"recent,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *BaselineSeries) Reset() {
+	*x = BaselineSeries{}
+	mi := &file_vigil_v1_state_proto_msgTypes[11]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *BaselineSeries) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*BaselineSeries) ProtoMessage() {}
+
+func (x *BaselineSeries) ProtoReflect() protoreflect.Message {
+	mi := &file_vigil_v1_state_proto_msgTypes[11]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use BaselineSeries.ProtoReflect.Descriptor instead.
+func (*BaselineSeries) Descriptor() ([]byte, []int) {
+	return file_vigil_v1_state_proto_rawDescGZIP(), []int{11}
+}
+
+func (x *BaselineSeries) GetMetric() string {
+	if x != nil {
+		return x.Metric
+	}
+	return ""
+}
+
+func (x *BaselineSeries) GetBucketMedians() []float32 {
+	if x != nil {
+		return x.BucketMedians
+	}
+	return nil
+}
+
+func (x *BaselineSeries) GetBucketCounts() []byte {
+	if x != nil {
+		return x.BucketCounts
+	}
+	return nil
+}
+
+func (x *BaselineSeries) GetOpenBucket() int64 {
+	if x != nil {
+		return x.OpenBucket
+	}
+	return 0
+}
+
+func (x *BaselineSeries) GetOpenValues() []float32 {
+	if x != nil {
+		return x.OpenValues
+	}
+	return nil
+}
+
+func (x *BaselineSeries) GetStarted() bool {
+	if x != nil {
+		return x.Started
+	}
+	return false
+}
+
+func (x *BaselineSeries) GetLastValue() float64 {
+	if x != nil {
+		return x.LastValue
+	}
+	return 0
+}
+
+func (x *BaselineSeries) GetLastTimeMs() int64 {
+	if x != nil {
+		return x.LastTimeMs
+	}
+	return 0
+}
+
+func (x *BaselineSeries) GetZ() float64 {
+	if x != nil {
+		return x.Z
+	}
+	return 0
+}
+
+func (x *BaselineSeries) GetBand() int32 {
+	if x != nil {
+		return x.Band
+	}
+	return 0
+}
+
+func (x *BaselineSeries) GetDay() int64 {
+	if x != nil {
+		return x.Day
+	}
+	return 0
+}
+
+func (x *BaselineSeries) GetDaySum() float64 {
+	if x != nil {
+		return x.DaySum
+	}
+	return 0
+}
+
+func (x *BaselineSeries) GetDayCount() uint32 {
+	if x != nil {
+		return x.DayCount
+	}
+	return 0
+}
+
+func (x *BaselineSeries) GetReferenceCount() uint32 {
+	if x != nil {
+		return x.ReferenceCount
+	}
+	return 0
+}
+
+func (x *BaselineSeries) GetReferenceMean() float64 {
+	if x != nil {
+		return x.ReferenceMean
+	}
+	return 0
+}
+
+func (x *BaselineSeries) GetReferenceM2() float64 {
+	if x != nil {
+		return x.ReferenceM2
+	}
+	return 0
+}
+
+func (x *BaselineSeries) GetReferenceSd() float64 {
+	if x != nil {
+		return x.ReferenceSd
+	}
+	return 0
+}
+
+func (x *BaselineSeries) GetReferenceReady() bool {
+	if x != nil {
+		return x.ReferenceReady
+	}
+	return false
+}
+
+func (x *BaselineSeries) GetEwma() float64 {
+	if x != nil {
+		return x.Ewma
+	}
+	return 0
+}
+
+func (x *BaselineSeries) GetCusumUp() float64 {
+	if x != nil {
+		return x.CusumUp
+	}
+	return 0
+}
+
+func (x *BaselineSeries) GetCusumDown() float64 {
+	if x != nil {
+		return x.CusumDown
+	}
+	return 0
+}
+
+func (x *BaselineSeries) GetCusumUpStartMs() int64 {
+	if x != nil {
+		return x.CusumUpStartMs
+	}
+	return 0
+}
+
+func (x *BaselineSeries) GetCusumDownStartMs() int64 {
+	if x != nil {
+		return x.CusumDownStartMs
+	}
+	return 0
+}
+
+func (x *BaselineSeries) GetLastDailyMean() float64 {
+	if x != nil {
+		return x.LastDailyMean
+	}
+	return 0
+}
+
+func (x *BaselineSeries) GetDays() uint32 {
+	if x != nil {
+		return x.Days
+	}
+	return 0
+}
+
+func (x *BaselineSeries) GetDriftDirection() int32 {
+	if x != nil {
+		return x.DriftDirection
+	}
+	return 0
+}
+
+func (x *BaselineSeries) GetDriftSinceMs() int64 {
+	if x != nil {
+		return x.DriftSinceMs
+	}
+	return 0
+}
+
+func (x *BaselineSeries) GetDriftDetectedMs() int64 {
+	if x != nil {
+		return x.DriftDetectedMs
+	}
+	return 0
+}
+
+func (x *BaselineSeries) GetEmittedDirection() int32 {
+	if x != nil {
+		return x.EmittedDirection
+	}
+	return 0
+}
+
+func (x *BaselineSeries) GetRecent() []float32 {
+	if x != nil {
+		return x.Recent
+	}
+	return nil
+}
+
+// AlertTrack is one patient's lifecycle state of one alert rule. Times
+// named _event_ are event time, the others processing time (Unix epoch ms).
+type AlertTrack struct {
+	state   protoimpl.MessageState `protogen:"open.v1"`
+	Rule    string                 `protobuf:"bytes,1,opt,name=rule,proto3" json:"rule,omitempty"`
+	AlertId string                 `protobuf:"bytes,2,opt,name=alert_id,json=alertId,proto3" json:"alert_id,omitempty"`
+	// "pending" (waiting for the re-check), "open", "suppressed", or empty
+	// when only a suppression window is kept.
+	Phase    string `protobuf:"bytes,3,opt,name=phase,proto3" json:"phase,omitempty"`
+	Severity string `protobuf:"bytes,4,opt,name=severity,proto3" json:"severity,omitempty"`
+	// Event time the condition first held.
+	StartEventMs int64 `protobuf:"varint,5,opt,name=start_event_ms,json=startEventMs,proto3" json:"start_event_ms,omitempty"`
+	// Processing time the re-check times out (phase pending).
+	RecheckDeadlineMs int64  `protobuf:"varint,6,opt,name=recheck_deadline_ms,json=recheckDeadlineMs,proto3" json:"recheck_deadline_ms,omitempty"`
+	Tier              uint32 `protobuf:"varint,7,opt,name=tier,proto3" json:"tier,omitempty"`
+	// Processing time the next escalation is due; 0: none.
+	EscalateAtMs int64 `protobuf:"varint,8,opt,name=escalate_at_ms,json=escalateAtMs,proto3" json:"escalate_at_ms,omitempty"`
+	// Event time since which the condition is below clear; 0: not below.
+	BelowSinceEventMs  int64  `protobuf:"varint,9,opt,name=below_since_event_ms,json=belowSinceEventMs,proto3" json:"below_since_event_ms,omitempty"`
+	AcknowledgedBy     string `protobuf:"bytes,10,opt,name=acknowledged_by,json=acknowledgedBy,proto3" json:"acknowledged_by,omitempty"`
+	AcknowledgedTimeMs int64  `protobuf:"varint,11,opt,name=acknowledged_time_ms,json=acknowledgedTimeMs,proto3" json:"acknowledged_time_ms,omitempty"`
+	// Event time until which re-raises are suppressed (after an
+	// acknowledgement); kept after the alert resolved.
+	SuppressedUntilMs int64 `protobuf:"varint,12,opt,name=suppressed_until_ms,json=suppressedUntilMs,proto3" json:"suppressed_until_ms,omitempty"`
+	// The newest score the rule evaluated for this alert (the explanation of
+	// timer-driven events).
+	Score         *Score `protobuf:"bytes,13,opt,name=score,proto3" json:"score,omitempty"`
+	CommandId     string `protobuf:"bytes,14,opt,name=command_id,json=commandId,proto3" json:"command_id,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *AlertTrack) Reset() {
+	*x = AlertTrack{}
+	mi := &file_vigil_v1_state_proto_msgTypes[12]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *AlertTrack) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*AlertTrack) ProtoMessage() {}
+
+func (x *AlertTrack) ProtoReflect() protoreflect.Message {
+	mi := &file_vigil_v1_state_proto_msgTypes[12]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use AlertTrack.ProtoReflect.Descriptor instead.
+func (*AlertTrack) Descriptor() ([]byte, []int) {
+	return file_vigil_v1_state_proto_rawDescGZIP(), []int{12}
+}
+
+func (x *AlertTrack) GetRule() string {
+	if x != nil {
+		return x.Rule
+	}
+	return ""
+}
+
+func (x *AlertTrack) GetAlertId() string {
+	if x != nil {
+		return x.AlertId
+	}
+	return ""
+}
+
+func (x *AlertTrack) GetPhase() string {
+	if x != nil {
+		return x.Phase
+	}
+	return ""
+}
+
+func (x *AlertTrack) GetSeverity() string {
+	if x != nil {
+		return x.Severity
+	}
+	return ""
+}
+
+func (x *AlertTrack) GetStartEventMs() int64 {
+	if x != nil {
+		return x.StartEventMs
+	}
+	return 0
+}
+
+func (x *AlertTrack) GetRecheckDeadlineMs() int64 {
+	if x != nil {
+		return x.RecheckDeadlineMs
+	}
+	return 0
+}
+
+func (x *AlertTrack) GetTier() uint32 {
+	if x != nil {
+		return x.Tier
+	}
+	return 0
+}
+
+func (x *AlertTrack) GetEscalateAtMs() int64 {
+	if x != nil {
+		return x.EscalateAtMs
+	}
+	return 0
+}
+
+func (x *AlertTrack) GetBelowSinceEventMs() int64 {
+	if x != nil {
+		return x.BelowSinceEventMs
+	}
+	return 0
+}
+
+func (x *AlertTrack) GetAcknowledgedBy() string {
+	if x != nil {
+		return x.AcknowledgedBy
+	}
+	return ""
+}
+
+func (x *AlertTrack) GetAcknowledgedTimeMs() int64 {
+	if x != nil {
+		return x.AcknowledgedTimeMs
+	}
+	return 0
+}
+
+func (x *AlertTrack) GetSuppressedUntilMs() int64 {
+	if x != nil {
+		return x.SuppressedUntilMs
+	}
+	return 0
+}
+
+func (x *AlertTrack) GetScore() *Score {
+	if x != nil {
+		return x.Score
+	}
+	return nil
+}
+
+func (x *AlertTrack) GetCommandId() string {
+	if x != nil {
+		return x.CommandId
+	}
+	return ""
+}
+
+// ModelInputState is what a patient's model input sources need besides the
+// newest values (stream/models.go).
+type ModelInputState struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// Event time of the patient's earliest accepted sample, Unix epoch ms.
+	FirstSampleMs int64 `protobuf:"varint,1,opt,name=first_sample_ms,json=firstSampleMs,proto3" json:"first_sample_ms,omitempty"`
+	// Accepted observations per catalogue metric, sorted by metric.
+	Counts []*ModelMetricCount `protobuf:"bytes,2,rep,name=counts,proto3" json:"counts,omitempty"`
+	// Hash of the observed model inputs at the last change score (a batch
+	// that leaves them unchanged emits no model score).
+	Digest uint64 `protobuf:"varint,3,opt,name=digest,proto3" json:"digest,omitempty"`
+	// Score-window end times (above the watermark) at which a model change
+	// score was emitted: no window-end model score is taken there (it would
+	// share its deterministic id).
+	BoundaryTimesMs []int64 `protobuf:"varint,4,rep,packed,name=boundary_times_ms,json=boundaryTimesMs,proto3" json:"boundary_times_ms,omitempty"`
+	unknownFields   protoimpl.UnknownFields
+	sizeCache       protoimpl.SizeCache
+}
+
+func (x *ModelInputState) Reset() {
+	*x = ModelInputState{}
+	mi := &file_vigil_v1_state_proto_msgTypes[13]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ModelInputState) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ModelInputState) ProtoMessage() {}
+
+func (x *ModelInputState) ProtoReflect() protoreflect.Message {
+	mi := &file_vigil_v1_state_proto_msgTypes[13]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ModelInputState.ProtoReflect.Descriptor instead.
+func (*ModelInputState) Descriptor() ([]byte, []int) {
+	return file_vigil_v1_state_proto_rawDescGZIP(), []int{13}
+}
+
+func (x *ModelInputState) GetFirstSampleMs() int64 {
+	if x != nil {
+		return x.FirstSampleMs
+	}
+	return 0
+}
+
+func (x *ModelInputState) GetCounts() []*ModelMetricCount {
+	if x != nil {
+		return x.Counts
+	}
+	return nil
+}
+
+func (x *ModelInputState) GetDigest() uint64 {
+	if x != nil {
+		return x.Digest
+	}
+	return 0
+}
+
+func (x *ModelInputState) GetBoundaryTimesMs() []int64 {
+	if x != nil {
+		return x.BoundaryTimesMs
+	}
+	return nil
+}
+
+// ModelMetricCount counts one metric's observations in a stay.
+type ModelMetricCount struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Metric        string                 `protobuf:"bytes,1,opt,name=metric,proto3" json:"metric,omitempty"`
+	Count         int64                  `protobuf:"varint,2,opt,name=count,proto3" json:"count,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *ModelMetricCount) Reset() {
+	*x = ModelMetricCount{}
+	mi := &file_vigil_v1_state_proto_msgTypes[14]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ModelMetricCount) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ModelMetricCount) ProtoMessage() {}
+
+func (x *ModelMetricCount) ProtoReflect() protoreflect.Message {
+	mi := &file_vigil_v1_state_proto_msgTypes[14]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ModelMetricCount.ProtoReflect.Descriptor instead.
+func (*ModelMetricCount) Descriptor() ([]byte, []int) {
+	return file_vigil_v1_state_proto_rawDescGZIP(), []int{14}
+}
+
+func (x *ModelMetricCount) GetMetric() string {
+	if x != nil {
+		return x.Metric
+	}
+	return ""
+}
+
+func (x *ModelMetricCount) GetCount() int64 {
+	if x != nil {
+		return x.Count
 	}
 	return 0
 }
@@ -1062,7 +1801,7 @@ const file_vigil_v1_state_proto_rawDesc = "" +
 	"\x05value\x18\x02 \x01(\x01R\x05value\x12\x12\n" +
 	"\x04unit\x18\x03 \x01(\tR\x04unit\x12\"\n" +
 	"\revent_time_ms\x18\x04 \x01(\x03R\veventTimeMs\x12$\n" +
-	"\x0eingest_time_ms\x18\x05 \x01(\x03R\fingestTimeMs\"\xcf\a\n" +
+	"\x0eingest_time_ms\x18\x05 \x01(\x03R\fingestTimeMs\"\xe7\t\n" +
 	"\fPatientState\x12%\n" +
 	"\x0eschema_version\x18\x01 \x01(\rR\rschemaVersion\x12\x16\n" +
 	"\x06tenant\x18\x02 \x01(\tR\x06tenant\x12\x18\n" +
@@ -1085,13 +1824,21 @@ const file_vigil_v1_state_proto_rawDesc = "" +
 	"\x06series\x18\x0f \x03(\v2\x16.vigil.v1.WindowSeriesR\x06series\x12<\n" +
 	"\vcorrections\x18\x10 \x03(\v2\x1a.vigil.v1.WindowCorrectionR\vcorrections\x12\x14\n" +
 	"\x05panes\x18\x11 \x01(\bR\x05panes\x12%\n" +
-	"\x0eapplied_offset\x18\x12 \x01(\x03R\rappliedOffset\x1a=\n" +
+	"\x0eapplied_offset\x18\x12 \x01(\x03R\rappliedOffset\x12N\n" +
+	"\x14score_boundary_times\x18\x14 \x03(\v2\x1c.vigil.v1.ScoreBoundaryTimesR\x12scoreBoundaryTimes\x127\n" +
+	"\falert_tracks\x18\x1e \x03(\v2\x14.vigil.v1.AlertTrackR\valertTracks\x12\x1a\n" +
+	"\blocation\x18\x1f \x01(\tR\blocation\x123\n" +
+	"\bbaseline\x18( \x01(\v2\x17.vigil.v1.BaselineStateR\bbaseline\x12<\n" +
+	"\fmodel_inputs\x182 \x01(\v2\x19.vigil.v1.ModelInputStateR\vmodelInputs\x1a=\n" +
 	"\x0fOpenAlertsEntry\x12\x10\n" +
 	"\x03key\x18\x01 \x01(\tR\x03key\x12\x14\n" +
 	"\x05value\x18\x02 \x01(\tR\x05value:\x028\x01\x1aN\n" +
 	"\x0fLastScoresEntry\x12\x10\n" +
 	"\x03key\x18\x01 \x01(\tR\x03key\x12%\n" +
-	"\x05value\x18\x02 \x01(\v2\x0f.vigil.v1.ScoreR\x05value:\x028\x01\"\x8e\x03\n" +
+	"\x05value\x18\x02 \x01(\v2\x0f.vigil.v1.ScoreR\x05value:\x028\x01\"C\n" +
+	"\x12ScoreBoundaryTimes\x12\x12\n" +
+	"\x04kind\x18\x01 \x01(\tR\x04kind\x12\x19\n" +
+	"\btimes_ms\x18\x02 \x03(\x03R\atimesMs\"\x8e\x03\n" +
 	"\n" +
 	"WindowPane\x12\x19\n" +
 	"\bstart_ms\x18\x01 \x01(\x03R\astartMs\x12\x14\n" +
@@ -1134,7 +1881,73 @@ const file_vigil_v1_state_proto_rawDesc = "" +
 	"\x10WindowCorrection\x12\x16\n" +
 	"\x06window\x18\x01 \x01(\tR\x06window\x12\x15\n" +
 	"\x06end_ms\x18\x02 \x01(\x03R\x05endMs\x12\x18\n" +
-	"\aversion\x18\x03 \x01(\rR\aversionB5Z3github.com/vigilhealth/vigil/proto/vigil/v1;vigilv1b\x06proto3"
+	"\aversion\x18\x03 \x01(\rR\aversion\"d\n" +
+	"\rBaselineState\x120\n" +
+	"\x06series\x18\x01 \x03(\v2\x18.vigil.v1.BaselineSeriesR\x06series\x12!\n" +
+	"\femitted_band\x18\x02 \x01(\tR\vemittedBand\"\xde\a\n" +
+	"\x0eBaselineSeries\x12\x16\n" +
+	"\x06metric\x18\x01 \x01(\tR\x06metric\x12%\n" +
+	"\x0ebucket_medians\x18\x02 \x03(\x02R\rbucketMedians\x12#\n" +
+	"\rbucket_counts\x18\x03 \x01(\fR\fbucketCounts\x12\x1f\n" +
+	"\vopen_bucket\x18\x04 \x01(\x03R\n" +
+	"openBucket\x12\x1f\n" +
+	"\vopen_values\x18\x05 \x03(\x02R\n" +
+	"openValues\x12\x18\n" +
+	"\astarted\x18\x06 \x01(\bR\astarted\x12\x1d\n" +
+	"\n" +
+	"last_value\x18\a \x01(\x01R\tlastValue\x12 \n" +
+	"\flast_time_ms\x18\b \x01(\x03R\n" +
+	"lastTimeMs\x12\f\n" +
+	"\x01z\x18\t \x01(\x01R\x01z\x12\x12\n" +
+	"\x04band\x18\n" +
+	" \x01(\x05R\x04band\x12\x10\n" +
+	"\x03day\x18\v \x01(\x03R\x03day\x12\x17\n" +
+	"\aday_sum\x18\f \x01(\x01R\x06daySum\x12\x1b\n" +
+	"\tday_count\x18\r \x01(\rR\bdayCount\x12'\n" +
+	"\x0freference_count\x18\x0e \x01(\rR\x0ereferenceCount\x12%\n" +
+	"\x0ereference_mean\x18\x0f \x01(\x01R\rreferenceMean\x12!\n" +
+	"\freference_m2\x18\x10 \x01(\x01R\vreferenceM2\x12!\n" +
+	"\freference_sd\x18\x11 \x01(\x01R\vreferenceSd\x12'\n" +
+	"\x0freference_ready\x18\x12 \x01(\bR\x0ereferenceReady\x12\x12\n" +
+	"\x04ewma\x18\x13 \x01(\x01R\x04ewma\x12\x19\n" +
+	"\bcusum_up\x18\x14 \x01(\x01R\acusumUp\x12\x1d\n" +
+	"\n" +
+	"cusum_down\x18\x15 \x01(\x01R\tcusumDown\x12)\n" +
+	"\x11cusum_up_start_ms\x18\x16 \x01(\x03R\x0ecusumUpStartMs\x12-\n" +
+	"\x13cusum_down_start_ms\x18\x17 \x01(\x03R\x10cusumDownStartMs\x12&\n" +
+	"\x0flast_daily_mean\x18\x18 \x01(\x01R\rlastDailyMean\x12\x12\n" +
+	"\x04days\x18\x19 \x01(\rR\x04days\x12'\n" +
+	"\x0fdrift_direction\x18\x1a \x01(\x05R\x0edriftDirection\x12$\n" +
+	"\x0edrift_since_ms\x18\x1b \x01(\x03R\fdriftSinceMs\x12*\n" +
+	"\x11drift_detected_ms\x18\x1c \x01(\x03R\x0fdriftDetectedMs\x12+\n" +
+	"\x11emitted_direction\x18\x1d \x01(\x05R\x10emittedDirection\x12\x16\n" +
+	"\x06recent\x18\x1e \x03(\x02R\x06recent\"\xff\x03\n" +
+	"\n" +
+	"AlertTrack\x12\x12\n" +
+	"\x04rule\x18\x01 \x01(\tR\x04rule\x12\x19\n" +
+	"\balert_id\x18\x02 \x01(\tR\aalertId\x12\x14\n" +
+	"\x05phase\x18\x03 \x01(\tR\x05phase\x12\x1a\n" +
+	"\bseverity\x18\x04 \x01(\tR\bseverity\x12$\n" +
+	"\x0estart_event_ms\x18\x05 \x01(\x03R\fstartEventMs\x12.\n" +
+	"\x13recheck_deadline_ms\x18\x06 \x01(\x03R\x11recheckDeadlineMs\x12\x12\n" +
+	"\x04tier\x18\a \x01(\rR\x04tier\x12$\n" +
+	"\x0eescalate_at_ms\x18\b \x01(\x03R\fescalateAtMs\x12/\n" +
+	"\x14below_since_event_ms\x18\t \x01(\x03R\x11belowSinceEventMs\x12'\n" +
+	"\x0facknowledged_by\x18\n" +
+	" \x01(\tR\x0eacknowledgedBy\x120\n" +
+	"\x14acknowledged_time_ms\x18\v \x01(\x03R\x12acknowledgedTimeMs\x12.\n" +
+	"\x13suppressed_until_ms\x18\f \x01(\x03R\x11suppressedUntilMs\x12%\n" +
+	"\x05score\x18\r \x01(\v2\x0f.vigil.v1.ScoreR\x05score\x12\x1d\n" +
+	"\n" +
+	"command_id\x18\x0e \x01(\tR\tcommandId\"\xb1\x01\n" +
+	"\x0fModelInputState\x12&\n" +
+	"\x0ffirst_sample_ms\x18\x01 \x01(\x03R\rfirstSampleMs\x122\n" +
+	"\x06counts\x18\x02 \x03(\v2\x1a.vigil.v1.ModelMetricCountR\x06counts\x12\x16\n" +
+	"\x06digest\x18\x03 \x01(\x04R\x06digest\x12*\n" +
+	"\x11boundary_times_ms\x18\x04 \x03(\x03R\x0fboundaryTimesMs\"@\n" +
+	"\x10ModelMetricCount\x12\x16\n" +
+	"\x06metric\x18\x01 \x01(\tR\x06metric\x12\x14\n" +
+	"\x05count\x18\x02 \x01(\x03R\x05countB5Z3github.com/vigilhealth/vigil/proto/vigil/v1;vigilv1b\x06proto3"
 
 var (
 	file_vigil_v1_state_proto_rawDescOnce sync.Once
@@ -1148,41 +1961,54 @@ func file_vigil_v1_state_proto_rawDescGZIP() []byte {
 	return file_vigil_v1_state_proto_rawDescData
 }
 
-var file_vigil_v1_state_proto_msgTypes = make([]protoimpl.MessageInfo, 11)
+var file_vigil_v1_state_proto_msgTypes = make([]protoimpl.MessageInfo, 17)
 var file_vigil_v1_state_proto_goTypes = []any{
-	(*OpenWindow)(nil),       // 0: vigil.v1.OpenWindow
-	(*OpenAlert)(nil),        // 1: vigil.v1.OpenAlert
-	(*LatestValue)(nil),      // 2: vigil.v1.LatestValue
-	(*PatientState)(nil),     // 3: vigil.v1.PatientState
-	(*WindowPane)(nil),       // 4: vigil.v1.WindowPane
-	(*TimedValue)(nil),       // 5: vigil.v1.TimedValue
-	(*DesatState)(nil),       // 6: vigil.v1.DesatState
-	(*WindowSeries)(nil),     // 7: vigil.v1.WindowSeries
-	(*WindowCorrection)(nil), // 8: vigil.v1.WindowCorrection
-	nil,                      // 9: vigil.v1.PatientState.OpenAlertsEntry
-	nil,                      // 10: vigil.v1.PatientState.LastScoresEntry
-	(*Score)(nil),            // 11: vigil.v1.Score
+	(*OpenWindow)(nil),         // 0: vigil.v1.OpenWindow
+	(*OpenAlert)(nil),          // 1: vigil.v1.OpenAlert
+	(*LatestValue)(nil),        // 2: vigil.v1.LatestValue
+	(*PatientState)(nil),       // 3: vigil.v1.PatientState
+	(*ScoreBoundaryTimes)(nil), // 4: vigil.v1.ScoreBoundaryTimes
+	(*WindowPane)(nil),         // 5: vigil.v1.WindowPane
+	(*TimedValue)(nil),         // 6: vigil.v1.TimedValue
+	(*DesatState)(nil),         // 7: vigil.v1.DesatState
+	(*WindowSeries)(nil),       // 8: vigil.v1.WindowSeries
+	(*WindowCorrection)(nil),   // 9: vigil.v1.WindowCorrection
+	(*BaselineState)(nil),      // 10: vigil.v1.BaselineState
+	(*BaselineSeries)(nil),     // 11: vigil.v1.BaselineSeries
+	(*AlertTrack)(nil),         // 12: vigil.v1.AlertTrack
+	(*ModelInputState)(nil),    // 13: vigil.v1.ModelInputState
+	(*ModelMetricCount)(nil),   // 14: vigil.v1.ModelMetricCount
+	nil,                        // 15: vigil.v1.PatientState.OpenAlertsEntry
+	nil,                        // 16: vigil.v1.PatientState.LastScoresEntry
+	(*Score)(nil),              // 17: vigil.v1.Score
 }
 var file_vigil_v1_state_proto_depIdxs = []int32{
 	0,  // 0: vigil.v1.PatientState.windows:type_name -> vigil.v1.OpenWindow
 	2,  // 1: vigil.v1.PatientState.latest:type_name -> vigil.v1.LatestValue
-	9,  // 2: vigil.v1.PatientState.open_alerts:type_name -> vigil.v1.PatientState.OpenAlertsEntry
-	10, // 3: vigil.v1.PatientState.last_scores:type_name -> vigil.v1.PatientState.LastScoresEntry
+	15, // 2: vigil.v1.PatientState.open_alerts:type_name -> vigil.v1.PatientState.OpenAlertsEntry
+	16, // 3: vigil.v1.PatientState.last_scores:type_name -> vigil.v1.PatientState.LastScoresEntry
 	2,  // 4: vigil.v1.PatientState.closed_latest:type_name -> vigil.v1.LatestValue
 	1,  // 5: vigil.v1.PatientState.alerts:type_name -> vigil.v1.OpenAlert
-	7,  // 6: vigil.v1.PatientState.series:type_name -> vigil.v1.WindowSeries
-	8,  // 7: vigil.v1.PatientState.corrections:type_name -> vigil.v1.WindowCorrection
-	5,  // 8: vigil.v1.DesatState.pending:type_name -> vigil.v1.TimedValue
-	4,  // 9: vigil.v1.WindowSeries.panes:type_name -> vigil.v1.WindowPane
-	5,  // 10: vigil.v1.WindowSeries.sequence:type_name -> vigil.v1.TimedValue
-	4,  // 11: vigil.v1.WindowSeries.sessions:type_name -> vigil.v1.WindowPane
-	6,  // 12: vigil.v1.WindowSeries.desaturation:type_name -> vigil.v1.DesatState
-	11, // 13: vigil.v1.PatientState.LastScoresEntry.value:type_name -> vigil.v1.Score
-	14, // [14:14] is the sub-list for method output_type
-	14, // [14:14] is the sub-list for method input_type
-	14, // [14:14] is the sub-list for extension type_name
-	14, // [14:14] is the sub-list for extension extendee
-	0,  // [0:14] is the sub-list for field type_name
+	8,  // 6: vigil.v1.PatientState.series:type_name -> vigil.v1.WindowSeries
+	9,  // 7: vigil.v1.PatientState.corrections:type_name -> vigil.v1.WindowCorrection
+	4,  // 8: vigil.v1.PatientState.score_boundary_times:type_name -> vigil.v1.ScoreBoundaryTimes
+	12, // 9: vigil.v1.PatientState.alert_tracks:type_name -> vigil.v1.AlertTrack
+	10, // 10: vigil.v1.PatientState.baseline:type_name -> vigil.v1.BaselineState
+	13, // 11: vigil.v1.PatientState.model_inputs:type_name -> vigil.v1.ModelInputState
+	6,  // 12: vigil.v1.DesatState.pending:type_name -> vigil.v1.TimedValue
+	5,  // 13: vigil.v1.WindowSeries.panes:type_name -> vigil.v1.WindowPane
+	6,  // 14: vigil.v1.WindowSeries.sequence:type_name -> vigil.v1.TimedValue
+	5,  // 15: vigil.v1.WindowSeries.sessions:type_name -> vigil.v1.WindowPane
+	7,  // 16: vigil.v1.WindowSeries.desaturation:type_name -> vigil.v1.DesatState
+	11, // 17: vigil.v1.BaselineState.series:type_name -> vigil.v1.BaselineSeries
+	17, // 18: vigil.v1.AlertTrack.score:type_name -> vigil.v1.Score
+	14, // 19: vigil.v1.ModelInputState.counts:type_name -> vigil.v1.ModelMetricCount
+	17, // 20: vigil.v1.PatientState.LastScoresEntry.value:type_name -> vigil.v1.Score
+	21, // [21:21] is the sub-list for method output_type
+	21, // [21:21] is the sub-list for method input_type
+	21, // [21:21] is the sub-list for extension type_name
+	21, // [21:21] is the sub-list for extension extendee
+	0,  // [0:21] is the sub-list for field type_name
 }
 
 func init() { file_vigil_v1_state_proto_init() }
@@ -1197,7 +2023,7 @@ func file_vigil_v1_state_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_vigil_v1_state_proto_rawDesc), len(file_vigil_v1_state_proto_rawDesc)),
 			NumEnums:      0,
-			NumMessages:   11,
+			NumMessages:   17,
 			NumExtensions: 0,
 			NumServices:   0,
 		},
