@@ -480,3 +480,15 @@ func modelsFromProto(st *vigilv1.ModelInputState) *patientModels {
 	}
 	return pm
 }
+
+// threshold returns the alert threshold in the manifest of the served
+// model whose score kind is kind ("model:<name>"), for alert rules with
+// `raise: manifest`. Safe for concurrent use (the list is read-only).
+func (ms *models) threshold(kind string) (float64, bool) {
+	for _, m := range ms.list {
+		if man := m.Manifest(); man.Kind() == kind {
+			return man.Threshold, true
+		}
+	}
+	return 0, false
+}

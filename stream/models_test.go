@@ -4,6 +4,8 @@ import (
 	"context"
 	"math"
 	"math/rand/v2"
+	"os"
+	"path/filepath"
 	"testing"
 	"time"
 
@@ -103,6 +105,14 @@ func TestModelScoresThroughKafkaAndClickHouse(t *testing.T) {
 	registry, tm, man := trainTestModel(t)
 	cfg := withModel(testenv.Config(t, testenv.Kafka(t), testenv.ClickHouse(t)), t, registry)
 	cfg.Sink.BatchInterval = 50 * time.Millisecond
+	// A site rule over the model that takes its threshold from the
+	// manifest (`raise: manifest`).
+	rules := filepath.Join(t.TempDir(), "rules.yaml")
+	if err := os.WriteFile(rules, []byte("name: site-rules\nversion: '1'\nrules:\n"+
+		"  - {name: sepsis_model, score: \"model:"+testModelName+"\", raise: manifest, severity: high}\n"), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	cfg.Alerts.Lifecycle.Rules = rules
 	produce(t, cfg, modelBatches())
 	log := testenv.Logger(t)
 	if err := chsink.Migrate(context.Background(), cfg.ClickHouse, log); err != nil {
@@ -138,6 +148,20 @@ func TestModelScoresThroughKafkaAndClickHouse(t *testing.T) {
 	sick, well := byPatient["p-sick"], byPatient["p-well"]
 	if len(sick) == 0 || len(well) == 0 {
 		t.Fatalf("model scores: sick %v, well %v", sick, well)
+	}
+	// The model rule raised for p-sick (above the manifest threshold) and
+	// not for p-well, naming the model's version and hash.
+	raisedFor := map[string]*vigilv1.AlertEvent{}
+	for _, a := range readOutputs(t, cfg).alerts {
+		if a.Rule == "sepsis_model" && a.Type == vigilv1.AlertEventType_ALERT_EVENT_RAISED {
+			raisedFor[a.Patient] = a
+		}
+	}
+	if a := raisedFor["p-sick"]; a == nil || a.GetScore().GetRulesetHash() != man.SHA256 || a.GetScore().GetValue() < man.Threshold {
+		t.Errorf("model alert for p-sick: %v (threshold %v, hash %s)", a, man.Threshold, man.SHA256)
+	}
+	if a := raisedFor["p-well"]; a != nil {
+		t.Errorf("model alert for p-well, whose score stays below the threshold: %v", a)
 	}
 	// The first change score of p-sick: HR 128, SpO2 88, stay 0 h, 1 heart rate.
 	first := sick[0]

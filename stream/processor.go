@@ -66,6 +66,7 @@ import (
 	"github.com/twmb/franz-go/plugin/kslog"
 	"google.golang.org/protobuf/proto"
 
+	"github.com/vigilhealth/vigil/detectors/alerting"
 	"github.com/vigilhealth/vigil/features/window"
 	"github.com/vigilhealth/vigil/internal/bus"
 	"github.com/vigilhealth/vigil/internal/catalog"
@@ -151,6 +152,11 @@ func New(cfg config.Config, deps stage.Deps, opts ...Option) (*Processor, error)
 	}
 	if eng.models, err = openModels(cfg, newOptions(opts).runtime, cat, deps); err != nil {
 		return nil, err
+	}
+	if eng.models != nil {
+		// Rules with `raise: manifest` read the served models' thresholds.
+		eng.alerts = alerting.New(eng.alerts.File(), alerting.WithManifestThresholds(eng.models.threshold))
+		eng.alertRules.eval = eng.alerts
 	}
 	return &Processor{
 		cfg:   cfg,

@@ -94,9 +94,9 @@ func TestMigrateFreshThenNoOp(t *testing.T) {
 		"samples":                 "ReplacingMergeTree",
 		"features":                "ReplacingMergeTree",
 		"scores":                  "ReplacingMergeTree",
-		"alerts":                  "View", // of alerts_v2 since 0008
+		"alerts":                  "View", // of alerts_v2 since 0007
 		"alerts_v2":               "ReplacingMergeTree",
-		"alert_episodes":          "View", // 0009: alert burden
+		"alert_episodes":          "View", // 0008: alert burden
 		"alert_burden_daily":      "View",
 		"alert_burden_ward_daily": "View",
 		"dead_letters":            "ReplacingMergeTree",

@@ -89,7 +89,7 @@ func TestRenderBothGenerations(t *testing.T) {
 				// columns; 18.16 has no ADD COLUMN IF NOT EXISTS.
 				// (A copy INSERT INTO ... SELECT into a ReplacingMergeTree
 				// whose version ranks the copied rows lowest repeats
-				// harmlessly: see 0008_alerts_v2.sql.)
+				// harmlessly: see 0007_alerts_v2.sql.)
 				if !strings.Contains(s, "IF NOT EXISTS") && !strings.Contains(s, "DROP TABLE IF EXISTS") &&
 					!(srv == old && strings.Contains(s, "ADD COLUMN")) &&
 					!(strings.HasPrefix(strings.TrimSpace(s), "INSERT INTO") && strings.Contains(s, "SELECT")) {

@@ -32,7 +32,7 @@ type spec struct {
 	// message is the protobuf message type of the topic's values.
 	message string
 	// into is the table the rows are inserted into when it is not table
-	// (alerts: alerts_v2, see migration 0008; table stays the name in
+	// (alerts: alerts_v2, see migration 0007; table stays the name in
 	// metrics and status).
 	into string
 	// columns are named in the INSERT, in the order rows hold values.
@@ -50,7 +50,7 @@ func (s spec) insert() string {
 	return "INSERT INTO " + into + " (" + strings.Join(s.columns, ", ") + ")"
 }
 
-// tableAlertsV2 is the table alert rows go into since migration 0008
+// tableAlertsV2 is the table alert rows go into since migration 0007
 // (alerts is a view of it).
 const tableAlertsV2 = "alerts_v2"
 

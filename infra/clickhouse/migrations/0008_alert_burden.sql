@@ -1,5 +1,5 @@
 -- Alert burden (issue 4, item 7): what a site tunes its thresholds against,
--- from the alert lifecycle events in alerts_v2 (migration 0008). Plain views,
+-- from the alert lifecycle events in alerts_v2 (migration 0007). Plain views,
 -- computed when queried (FINAL, so a redelivered event counts once); no
 -- window functions, so they run on 18.16 as on current servers.
 --
