@@ -19,6 +19,7 @@ import (
 	"github.com/twmb/franz-go/pkg/kgo"
 	"google.golang.org/protobuf/proto"
 
+	"github.com/vigilhealth/vigil/internal/config"
 	"github.com/vigilhealth/vigil/internal/testenv"
 	vigilv1 "github.com/vigilhealth/vigil/proto/vigil/v1"
 )
@@ -152,14 +153,24 @@ func BenchmarkAcceptToAlertWard(b *testing.B) {
 		beds = n
 	}
 	const gateways = 100
+	// Stable patients: each reading moves by a step within a physiological
+	// jitter (heart rate 72-74, temperature 36.9-37.1, ...), on room air.
 	metrics := []struct {
-		name string
-		base float64
-	}{{"heart_rate", 72}, {"spo2", 97}, {"respiratory_rate", 15}, {"systolic_bp", 122}, {"diastolic_bp", 76},
-		{"mean_arterial_pressure", 91}, {"body_temperature", 36.9}, {"fio2", 21}}
+		name       string
+		base, step float64
+	}{{"heart_rate", 72, 1}, {"spo2", 97, 1}, {"respiratory_rate", 15, 1}, {"systolic_bp", 122, 1}, {"diastolic_bp", 76, 1},
+		{"mean_arterial_pressure", 91, 1}, {"body_temperature", 36.9, 0.1}, {"fio2", 21, 0}}
 
 	brokerAddr, chAddr := testenv.Kafka(b), testenv.ClickHouse(b)
-	base, p := startPlatform(b, brokerAddr, chAddr, slog.New(slog.DiscardHandler))
+	// VIGIL_* variables tune the platform under test (e.g.
+	// VIGIL_STREAM_CHECKPOINT_INTERVAL), as they do for `vigil run`.
+	cfg := testenv.Config(b, brokerAddr, chAddr)
+	if err := config.ApplyEnv(&cfg, os.Environ()); err != nil {
+		b.Fatal(err)
+	}
+	// The Go runtime settings `vigil run` applies (runtime.gc_percent...).
+	defer cfg.Runtime.Apply()()
+	base, p := startPlatformWith(b, cfg, slog.New(slog.DiscardHandler))
 	cl, err := kgo.NewClient(kgo.SeedBrokers(brokerAddr), kgo.ConsumeTopics(p.cfg.Kafka.Topics.Alerts),
 		kgo.ConsumeResetOffset(kgo.NewOffset().AtEnd()), kgo.FetchIsolationLevel(kgo.ReadCommitted()),
 		kgo.FetchMaxWait(10*time.Millisecond))
@@ -196,7 +207,7 @@ func BenchmarkAcceptToAlertWard(b *testing.B) {
 						if n > 0 {
 							buf.WriteByte(',')
 						}
-						v := m.base + float64((bed+tick+k)%3)
+						v := m.base + m.step*float64((bed+tick+k)%3)
 						fmt.Fprintf(&buf, `{"patient":"bed-%d","device":"mon-%d","metric":"%s","value":%g,"time_ms":%d}`, bed, bed, m.name, v, now)
 						n++
 					}
@@ -253,7 +264,11 @@ func BenchmarkAcceptToAlertWard(b *testing.B) {
 					return
 				}
 				found = true
-				lat = append(lat, float64(recv.UnixMicro()-ev.GetTriggerIngestTimeMs()*1000)/1000)
+				l := float64(recv.UnixMicro()-ev.GetTriggerIngestTimeMs()*1000) / 1000
+				lat = append(lat, l)
+				if os.Getenv("VIGIL_BENCH_DEBUG") != "" && l > 40 {
+					b.Logf("slow probe: %.1f ms at second %.3f (emitted +%d ms)", l, float64(ev.GetTriggerIngestTimeMs()%60000)/1000, ev.GetEmittedTimeMs()-ev.GetTriggerIngestTimeMs())
+				}
 			})
 		}
 		cancel()
@@ -271,7 +286,9 @@ func BenchmarkAcceptToAlertWard(b *testing.B) {
 	b.ReportMetric(lat[len(lat)-1], "max_ms")
 	b.ReportMetric(rate, "load_samples/s")
 	b.ReportMetric(float64(failed.Load()), "load_failed")
-	if want := float64(beds*len(metrics)) * 0.95; rate < want {
+	// (Over at least 5 s: a shorter run sees the gateways' once-a-second
+	// posts as bursts.)
+	if want := float64(beds*len(metrics)) * 0.95; time.Since(t0) >= 5*time.Second && rate < want {
 		b.Errorf("background load accepted %.0f samples/s, below 95%% of the %d beds x %d metrics asked for", rate, beds, len(metrics))
 	}
 }

@@ -15,6 +15,7 @@ import (
 	"github.com/ClickHouse/clickhouse-go/v2/lib/driver"
 	"google.golang.org/protobuf/proto"
 
+	"github.com/vigilhealth/vigil/internal/config"
 	"github.com/vigilhealth/vigil/internal/testenv"
 	vigilv1 "github.com/vigilhealth/vigil/proto/vigil/v1"
 	chsink "github.com/vigilhealth/vigil/sinks/clickhouse"
@@ -27,7 +28,12 @@ func TestMain(m *testing.M) { testenv.Main(m) }
 // The platform is drained and stopped when the test ends.
 func startPlatform(tb testing.TB, brokerAddr, chAddr string, log *slog.Logger) (string, *platform) {
 	tb.Helper()
-	cfg := testenv.Config(tb, brokerAddr, chAddr)
+	return startPlatformWith(tb, testenv.Config(tb, brokerAddr, chAddr), log)
+}
+
+// startPlatformWith is startPlatform with a given configuration.
+func startPlatformWith(tb testing.TB, cfg config.Config, log *slog.Logger) (string, *platform) {
+	tb.Helper()
 	p := newPlatform(&cliEnv{cfg: cfg, log: log, stdout: io.Discard, stderr: io.Discard})
 	ctx, cancel := context.WithCancel(context.Background())
 	if err := p.startInfra(ctx, false); err != nil {

@@ -126,6 +126,7 @@ func (p *platform) startClickHouse(ctx context.Context) error {
 		TCPPort:      l.TCPPort,
 		HTTPPort:     l.HTTPPort,
 		StartTimeout: l.StartTimeout,
+		Nice:         l.Nice,
 		Log:          p.log,
 	})
 	if err != nil {
