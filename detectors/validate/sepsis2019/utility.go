@@ -4,6 +4,8 @@ import (
 	"fmt"
 	"math"
 	"slices"
+
+	"github.com/vigilhealth/vigil/detectors/model/train"
 )
 
 // UtilityParams are the parameters of the challenge's utility function.
@@ -143,49 +145,21 @@ func (s *UtilitySum) Normalized() float64 {
 
 // AUROC is the area under the ROC curve of scores against labels: the
 // Mann-Whitney statistic P(score of a positive > score of a negative) +
-// 0.5 P(equal), computed from mid-ranks in O(n log n). NaN when there is
-// no positive or no negative. It fails when the lengths differ or a score
-// is NaN.
+// 0.5 P(equal), from mid-ranks (train.AUROC, the one the trainer reports).
+// NaN when there is no positive or no negative. It fails when the lengths
+// differ or a score is NaN.
 func AUROC(scores []float64, labels []bool) (float64, error) {
 	if len(scores) != len(labels) {
 		return 0, fmt.Errorf("auroc: %d scores but %d labels", len(scores), len(labels))
 	}
-	idx := make([]int, len(scores))
-	for i := range idx {
+	y := make([]float64, len(labels))
+	for i, l := range labels {
 		if math.IsNaN(scores[i]) {
 			return 0, fmt.Errorf("auroc: score %d is NaN", i)
 		}
-		idx[i] = i
-	}
-	slices.SortFunc(idx, func(a, b int) int {
-		switch {
-		case scores[a] < scores[b]:
-			return -1
-		case scores[a] > scores[b]:
-			return 1
+		if l {
+			y[i] = 1
 		}
-		return 0
-	})
-	var pos, neg, rankSum float64
-	for i := 0; i < len(idx); {
-		j := i
-		for j < len(idx) && scores[idx[j]] == scores[idx[i]] {
-			j++
-		}
-		// Ranks i+1..j share the mid-rank (i+1+j)/2.
-		mid := float64(i+1+j) / 2
-		for _, k := range idx[i:j] {
-			if labels[k] {
-				pos++
-				rankSum += mid
-			} else {
-				neg++
-			}
-		}
-		i = j
 	}
-	if pos == 0 || neg == 0 {
-		return math.NaN(), nil
-	}
-	return (rankSum - pos*(pos+1)/2) / (pos * neg), nil
+	return train.AUROC(scores, y), nil
 }
