@@ -961,7 +961,17 @@ func (s *session) checkpoint(all bool) error {
 		}
 		applied := ps.next - 1
 		wrote := false
-		for {
+		// Spread the writes: patients dirtied together (every bed's
+		// samples arrive each second) would otherwise all come due in
+		// the same transaction, whose encoding and produce then hold up
+		// the alerts behind it. Each transaction writes at most twice
+		// its share of the partition's patients per checkpoint interval
+		// (a patient is still written within about two intervals).
+		limit := -1
+		if !all && s.p.cfg.Stream.CheckpointInterval > 0 {
+			limit = 2*int(int64(len(ps.pats))*int64(s.p.cfg.Stream.CommitInterval)/int64(s.p.cfg.Stream.CheckpointInterval)) + 16
+		}
+		for n := 0; n != limit; n++ {
 			it, ok := ps.oldest()
 			if !ok || (!all && it.at.After(cutoff)) {
 				break

@@ -267,7 +267,7 @@ func BenchmarkAcceptToAlertWard(b *testing.B) {
 				l := float64(recv.UnixMicro()-ev.GetTriggerIngestTimeMs()*1000) / 1000
 				lat = append(lat, l)
 				if os.Getenv("VIGIL_BENCH_DEBUG") != "" && l > 40 {
-					b.Logf("slow probe: %.1f ms at second %.3f (emitted +%d ms)", l, float64(ev.GetTriggerIngestTimeMs()%60000)/1000, ev.GetEmittedTimeMs()-ev.GetTriggerIngestTimeMs())
+					fmt.Fprintf(os.Stderr, "slow probe: %.1f ms at second %.3f (emitted +%d ms)\n", l, float64(ev.GetTriggerIngestTimeMs()%60000)/1000, ev.GetEmittedTimeMs()-ev.GetTriggerIngestTimeMs())
 				}
 			})
 		}
