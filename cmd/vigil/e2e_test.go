@@ -128,12 +128,21 @@ func TestEndToEndKnownVitals(t *testing.T) {
 	// the first window (same SpO2, so the score's inputs do not change).
 	add("spo2", 93, "%", t0+70000)
 
-	resp, err := http.Get(base + "/readyz")
-	if err != nil {
-		t.Fatal(err)
+	// The stages start concurrently: wait for readiness (bounded) before
+	// checking what it reports.
+	var resp *http.Response
+	var ready []byte
+	for deadline := time.Now().Add(15 * time.Second); ; time.Sleep(50 * time.Millisecond) {
+		var err error
+		if resp, err = http.Get(base + "/readyz"); err != nil {
+			t.Fatal(err)
+		}
+		ready, _ = io.ReadAll(resp.Body)
+		resp.Body.Close()
+		if resp.StatusCode == 200 || time.Now().After(deadline) {
+			break
+		}
 	}
-	ready, _ := io.ReadAll(resp.Body)
-	resp.Body.Close()
 	if resp.StatusCode != 200 || !strings.Contains(string(ready), `"name":"clickhouse","ok":true`) || !strings.Contains(string(ready), `"name":"kafka","ok":true`) {
 		t.Errorf("/readyz: %d %s", resp.StatusCode, ready)
 	}
