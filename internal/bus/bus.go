@@ -13,6 +13,7 @@ import (
 	"github.com/twmb/franz-go/pkg/kadm"
 	"github.com/twmb/franz-go/pkg/kerr"
 	"github.com/twmb/franz-go/pkg/kgo"
+	"github.com/twmb/franz-go/pkg/kmsg"
 	"github.com/twmb/franz-go/plugin/kslog"
 
 	"github.com/vigilhealth/vigil/internal/config"
@@ -87,4 +88,31 @@ func EnsureTopics(ctx context.Context, cl *kgo.Client, cfg config.Kafka) error {
 		}
 	}
 	return nil
+}
+
+// CommitOffsetsSync commits offsets for the client's consumer group and
+// blocks until the broker answers or ctx ends. committed is called, with
+// no lock of its own, for every partition the broker accepted (the caller
+// forgets that offset unless a newer one was stored meanwhile); the error
+// joins the request's failure and every refused partition's, each naming
+// its topic and partition. Partitions not committed keep their offsets for
+// the caller's next attempt.
+func CommitOffsetsSync(ctx context.Context, cl *kgo.Client, offsets map[string]map[int32]kgo.EpochOffset, committed func(topic string, partition int32)) error {
+	var cerr error
+	cl.CommitOffsetsSync(ctx, offsets, func(_ *kgo.Client, _ *kmsg.OffsetCommitRequest, resp *kmsg.OffsetCommitResponse, err error) {
+		if err != nil {
+			cerr = err
+			return
+		}
+		for _, t := range resp.Topics {
+			for _, p := range t.Partitions {
+				if perr := kerr.ErrorForCode(p.ErrorCode); perr != nil {
+					cerr = errors.Join(cerr, fmt.Errorf("%s partition %d: %w", t.Topic, p.Partition, perr))
+					continue
+				}
+				committed(t.Topic, p.Partition)
+			}
+		}
+	})
+	return cerr
 }

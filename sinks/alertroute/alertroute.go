@@ -36,9 +36,7 @@ import (
 	"sync/atomic"
 	"time"
 
-	"github.com/twmb/franz-go/pkg/kerr"
 	"github.com/twmb/franz-go/pkg/kgo"
-	"github.com/twmb/franz-go/pkg/kmsg"
 	"google.golang.org/protobuf/encoding/protojson"
 	"google.golang.org/protobuf/proto"
 
@@ -516,22 +514,9 @@ func (s *Stage) commit(ctx context.Context) error {
 	if len(offsets) == 0 {
 		return nil
 	}
-	var cerr error
-	s.cl.CommitOffsetsSync(ctx, offsets, func(_ *kgo.Client, _ *kmsg.OffsetCommitRequest, resp *kmsg.OffsetCommitResponse, err error) {
-		if err != nil {
-			cerr = err
-			return
-		}
-		for _, t := range resp.Topics {
-			for _, p := range t.Partitions {
-				if perr := kerr.ErrorForCode(p.ErrorCode); perr != nil {
-					cerr = errors.Join(cerr, fmt.Errorf("%s partition %d: %w", t.Topic, p.Partition, perr))
-					continue
-				}
-				if pt := s.parts[topicPartition{t.Topic, p.Partition}]; pt != nil && pt.commit == offsets[t.Topic][p.Partition] {
-					pt.dirty = false
-				}
-			}
+	cerr := bus.CommitOffsetsSync(ctx, s.cl, offsets, func(topic string, partition int32) {
+		if pt := s.parts[topicPartition{topic, partition}]; pt != nil && pt.commit == offsets[topic][partition] {
+			pt.dirty = false
 		}
 	})
 	if cerr != nil {

@@ -12,9 +12,7 @@ import (
 
 	"github.com/ClickHouse/clickhouse-go/v2"
 	"github.com/ClickHouse/clickhouse-go/v2/lib/driver"
-	"github.com/twmb/franz-go/pkg/kerr"
 	"github.com/twmb/franz-go/pkg/kgo"
-	"github.com/twmb/franz-go/pkg/kmsg"
 	"google.golang.org/protobuf/proto"
 
 	"github.com/vigilhealth/vigil/internal/bus"
@@ -522,25 +520,12 @@ func (s *Sink) commit(ctx context.Context) error {
 			offsets[topic][p] = o
 		}
 	}
-	var cerr error
-	s.cl.CommitOffsetsSync(ctx, offsets, func(_ *kgo.Client, _ *kmsg.OffsetCommitRequest, resp *kmsg.OffsetCommitResponse, err error) {
-		if err != nil {
-			cerr = err
-			return
-		}
-		for _, t := range resp.Topics {
-			for _, p := range t.Partitions {
-				if perr := kerr.ErrorForCode(p.ErrorCode); perr != nil {
-					cerr = errors.Join(cerr, fmt.Errorf("%s partition %d: %w", t.Topic, p.Partition, perr))
-					continue
-				}
-				// Forget the offset unless a newer one was stored meanwhile.
-				if cur, ok := s.uncommitted[t.Topic][p.Partition]; ok && cur == offsets[t.Topic][p.Partition] {
-					delete(s.uncommitted[t.Topic], p.Partition)
-				}
-			}
-			if len(s.uncommitted[t.Topic]) == 0 {
-				delete(s.uncommitted, t.Topic)
+	cerr := bus.CommitOffsetsSync(ctx, s.cl, offsets, func(topic string, partition int32) {
+		// Forget the offset unless a newer one was stored meanwhile.
+		if cur, ok := s.uncommitted[topic][partition]; ok && cur == offsets[topic][partition] {
+			delete(s.uncommitted[topic], partition)
+			if len(s.uncommitted[topic]) == 0 {
+				delete(s.uncommitted, topic)
 			}
 		}
 	})
