@@ -4,7 +4,6 @@ import (
 	"math"
 	"math/rand/v2"
 	"slices"
-	"sort"
 	"strings"
 	"testing"
 )
@@ -29,32 +28,6 @@ func synthetic(n, nf int, seed uint64) ([]float32, []float64) {
 	return x, y
 }
 
-// auroc is the Mann-Whitney AUROC with ties counted half.
-func auroc(p, y []float64) float64 {
-	idx := make([]int, len(p))
-	for i := range idx {
-		idx[i] = i
-	}
-	sort.Slice(idx, func(a, b int) bool { return p[idx[a]] < p[idx[b]] })
-	var rankSum, npos float64
-	for i := 0; i < len(idx); {
-		j := i
-		for j < len(idx) && p[idx[j]] == p[idx[i]] {
-			j++
-		}
-		avg := float64(i+j+1) / 2
-		for k := i; k < j; k++ {
-			if y[idx[k]] == 1 {
-				rankSum += avg
-				npos++
-			}
-		}
-		i = j
-	}
-	nneg := float64(len(p)) - npos
-	return (rankSum - npos*(npos+1)/2) / (npos * nneg)
-}
-
 func TestGBTLearnsAndGeneralises(t *testing.T) {
 	const nf = 6
 	x, y := synthetic(20000, nf, 1)
@@ -66,7 +39,7 @@ func TestGBTLearnsAndGeneralises(t *testing.T) {
 		t.Fatal(err)
 	}
 	p := m.PredictBatch(xt, nil)
-	a := auroc(p, yt)
+	a := AUROC(p, yt)
 	// A tree model learns the |x2| term, a linear one cannot.
 	if a < 0.85 {
 		t.Errorf("held-out AUROC %.3f, want >= 0.85", a)
@@ -75,7 +48,7 @@ func TestGBTLearnsAndGeneralises(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	al := auroc(lr.PredictBatch(xt, nil), yt)
+	al := AUROC(lr.PredictBatch(xt, nil), yt)
 	if a <= al {
 		t.Errorf("GBT AUROC %.3f not above logistic regression %.3f on a non-linear target", a, al)
 	}
