@@ -12,12 +12,10 @@ import (
 	vigilv1 "github.com/vigilhealth/vigil/proto/vigil/v1"
 )
 
-// alertRules is the engine's side of the alert lifecycle: the evaluator of
-// the rules file (alerts.lifecycle.rules) and, for rules over window
-// features, which statistics of which metrics to read at each score-window
-// end. Immutable after newAlertRules.
+// alertRules is the engine's side of the rules over window features
+// (alerts.lifecycle.rules): which statistics of which metrics to read at
+// each score-window end. Immutable after newAlertRules.
 type alertRules struct {
-	eval *alerting.Evaluator
 	// features maps a metric to the stats its feature rules read.
 	features map[string][]string
 	// spec names the window spec that made the features (the ruleset of
@@ -25,22 +23,24 @@ type alertRules struct {
 	specVersion, specHash string
 }
 
-// newAlertRules loads the alert rules file.
-func newAlertRules(cfg config.Config, spec *window.Spec) (*alertRules, error) {
+// newAlertRules loads the alert rules file and returns its evaluator and
+// the feature statistics its rules read.
+func newAlertRules(cfg config.Config, spec *window.Spec) (*alerting.Evaluator, *alertRules, error) {
 	f, err := alerting.Load(cfg.Alerts.Lifecycle.Rules)
 	if err != nil {
-		return nil, fmt.Errorf("alerts.lifecycle.rules: %w", err)
+		return nil, nil, fmt.Errorf("alerts.lifecycle.rules: %w", err)
 	}
-	a := &alertRules{eval: alerting.New(f), features: map[string][]string{}}
+	eval := alerting.New(f)
+	a := &alertRules{features: map[string][]string{}}
 	if spec != nil {
 		a.specVersion, a.specHash = fmt.Sprint(spec.Version), spec.Hash
 	}
-	for _, ref := range a.eval.FeatureRefs() {
+	for _, ref := range eval.FeatureRefs() {
 		if !slices.Contains(a.features[ref[0]], ref[1]) {
 			a.features[ref[0]] = append(a.features[ref[0]], ref[1])
 		}
 	}
-	return a, nil
+	return eval, a, nil
 }
 
 // command applies an alert command batch (no samples) to p: an
@@ -139,64 +139,6 @@ func (s *session) expireAlertTimers() error {
 	}
 	s.alertNext = time.Now().Add(s.p.cfg.Alerts.Lifecycle.TimerCheckInterval)
 	nowMs := s.p.clock.Now().UnixMilli()
-	if s.timers.w == nil {
-		s.timers.w = &worker{s: s, out: outputs{batched: true}, nAlerts: map[vigilv1.AlertEventType]int{}, nDeadBy: map[string]int{}}
-	}
-	w := s.timers.w
-	type due struct {
-		part int32
-		key  string
-		ps   *partState
-		e    *entry
-	}
-	var dues []due
-	s.mu.Lock()
-	for part, ps := range s.parts {
-		if ps.next < 0 {
-			continue
-		}
-		for key, e := range ps.pats {
-			if alertsDue(e.pt, nowMs) {
-				dues = append(dues, due{part, key, ps, e})
-			}
-		}
-	}
-	if len(dues) == 0 {
-		s.mu.Unlock()
-		return nil
-	}
-	w.resetCounts()
-	slices.SortFunc(dues, func(a, b due) int {
-		if a.part != b.part {
-			return int(a.part - b.part)
-		}
-		return strings.Compare(a.key, b.key)
-	})
-	changed := 0
-	for _, d := range dues {
-		if s.p.eng.alertTimers(d.e.pt, nowMs, &w.out) {
-			d.ps.markDirty(d.e, d.ps.next, time.Now())
-			changed++
-		}
-	}
-	s.p.eng.finish(&w.out)
-	s.mu.Unlock()
-	if changed == 0 {
-		return nil
-	}
-	if err := s.begin(); err != nil {
-		return err
-	}
-	for _, o := range w.out.list {
-		if err := w.produce(o); err != nil {
-			return err
-		}
-	}
-	clear(w.out.list)
-	w.out.list = w.out.list[:0]
-	for k, n := range w.nAlerts {
-		s.nAlerts[k] += n
-	}
-	s.p.log.Debug("alert timers fired", "patients", changed)
-	return s.commit(true)
+	return s.timerPass("alert timers", func(p *patient) bool { return alertsDue(p, nowMs) },
+		func(p *patient, out *outputs) bool { return s.p.eng.alertTimers(p, nowMs, out) })
 }

@@ -43,8 +43,8 @@ type engine struct {
 	// scores are the detectors.scores tables (scores.go).
 	scores []scoreTable
 	alerts *alerting.Evaluator
-	// alertRules is alerts.lifecycle.rules (alerts.go); alerts is its
-	// evaluator.
+	// alerts evaluates alerts.lifecycle.rules; alertRules is what its
+	// rules over window features read (alerts.go).
 	alertRules *alertRules
 	catalog    *catalog.Catalog
 	// baselines is detectors.baselines (nil: none configured).
@@ -79,10 +79,9 @@ func newEngine(cfg config.Config, rs *ews.Ruleset, cat *catalog.Catalog, mem mem
 	if e.scores, err = newScoreTables(cfg, rs); err != nil {
 		return nil, err
 	}
-	if e.alertRules, err = newAlertRules(cfg, spec); err != nil {
+	if e.alerts, e.alertRules, err = newAlertRules(cfg, spec); err != nil {
 		return nil, err
 	}
-	e.alerts = e.alertRules.eval
 	for _, ws := range spec.Windows {
 		if ws.Kind == "tumbling" && ws.Size == cfg.Stream.Window {
 			e.scoreWin = ws.Name
@@ -713,36 +712,49 @@ func (s *session) closeWindowsOnShutdown() error {
 }
 
 // closeWindows runs engine.idle (idle) or engine.flush (shutdown) over the
-// owned patients, in partition then key order, and, when a patient
-// changed, produces the outputs in a new transaction and commits it with
-// every pending state. It must be called between transactions.
+// owned patients as a timer pass. It must be called between transactions.
 func (s *session) closeWindows(idle bool) error {
 	nowMs := s.p.clock.Now().UnixMilli()
+	if idle {
+		return s.timerPass("idle timeout", func(p *patient) bool { return s.p.eng.idleDue(p, nowMs) },
+			func(p *patient, out *outputs) bool { return s.p.eng.idle(p, nowMs, out) })
+	}
+	return s.timerPass("shutdown", func(p *patient) bool { return !p.win.Empty() },
+		func(p *patient, out *outputs) bool { return s.p.eng.flush(p, nowMs, out) })
+}
+
+// timerPass runs apply on every owned patient for which due holds, in
+// partition then key order, with the session's timer worker, and, when a
+// patient changed (apply says so, or it emitted outputs), produces the
+// outputs in a new transaction and commits it with every pending state:
+// no input record stands for a timer in a restore's replay, so its outputs
+// and the state that emitted them must commit together. what names the
+// pass in the debug log. It must be called between transactions.
+func (s *session) timerPass(what string, due func(*patient) bool, apply func(*patient, *outputs) bool) error {
 	if s.timers.w == nil {
 		s.timers.w = &worker{s: s, out: outputs{batched: true}, nAlerts: map[vigilv1.AlertEventType]int{}, nDeadBy: map[string]int{}}
 	}
 	w := s.timers.w
 	w.resetCounts()
-	type due struct {
+	type dueEntry struct {
 		part int32
 		key  string
 		ps   *partState
 		e    *entry
 	}
-	var dues []due
+	var dues []dueEntry
 	s.mu.Lock()
 	for part, ps := range s.parts {
 		if ps.next < 0 {
 			continue // nothing processed or committed: no patient
 		}
 		for key, e := range ps.pats {
-			if idle && !s.p.eng.idleDue(e.pt, nowMs) || !idle && e.pt.win.Empty() {
-				continue
+			if due(e.pt) {
+				dues = append(dues, dueEntry{part, key, ps, e})
 			}
-			dues = append(dues, due{part, key, ps, e})
 		}
 	}
-	slices.SortFunc(dues, func(a, b due) int {
+	slices.SortFunc(dues, func(a, b dueEntry) int {
 		if a.part != b.part {
 			return int(a.part - b.part)
 		}
@@ -750,14 +762,8 @@ func (s *session) closeWindows(idle bool) error {
 	})
 	changed := 0
 	for _, d := range dues {
-		var ok bool
 		n0 := len(w.out.list)
-		if idle {
-			ok = s.p.eng.idle(d.e.pt, nowMs, &w.out)
-		} else {
-			ok = s.p.eng.flush(d.e.pt, nowMs, &w.out)
-		}
-		if ok || len(w.out.list) > n0 { // (windows closed: their state changed)
+		if apply(d.e.pt, &w.out) || len(w.out.list) > n0 { // (outputs: its state changed)
 			d.ps.markDirty(d.e, d.ps.next, time.Now())
 			changed++
 		}
@@ -788,10 +794,6 @@ func (s *session) closeWindows(idle bool) error {
 	for k, n := range w.nDeadBy {
 		s.nDeadBy[k] += n
 	}
-	why := "idle timeout"
-	if !idle {
-		why = "shutdown"
-	}
-	s.p.log.Debug("closed windows", "why", why, "patients", changed, "features", w.nFeatures)
+	s.p.log.Debug("timer pass", "what", what, "patients", changed, "features", w.nFeatures)
 	return s.commit(true)
 }

@@ -156,7 +156,6 @@ func New(cfg config.Config, deps stage.Deps, opts ...Option) (*Processor, error)
 	if eng.models != nil {
 		// Rules with `raise: manifest` read the served models' thresholds.
 		eng.alerts = alerting.New(eng.alerts.File(), alerting.WithManifestThresholds(eng.models.threshold))
-		eng.alertRules.eval = eng.alerts
 	}
 	return &Processor{
 		cfg:   cfg,
